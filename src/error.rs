@@ -1,0 +1,208 @@
+//! The client-facing error type. This is the only place that knows the OCI error wire format and
+//! which HTTP status goes with which error.
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::oci::{Digest, RouteError};
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
+
+/// Everything a registry request can fail with, as the client will see it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("manifest unknown: {name}:{reference}")]
+    ManifestUnknown { name: String, reference: String },
+    #[error("blob unknown: {digest}")]
+    BlobUnknown { digest: Digest },
+    #[error("{0}")]
+    NameInvalid(String),
+    #[error("{0}")]
+    NameUnknown(String),
+    #[error("{0}")]
+    DigestInvalid(String),
+    #[error("{0}")]
+    TagInvalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    RangeNotSatisfiable(String, u64),
+    #[error("upstream {upstream} refused our credentials: {message}")]
+    Unauthorized { upstream: String, message: String },
+    #[error("upstream {upstream} denied access: {message}")]
+    Denied { upstream: String, message: String },
+    #[error("upstream {upstream} is rate limiting us")]
+    TooManyRequests {
+        upstream: String,
+        retry_after: Option<u64>,
+    },
+    #[error("upstream {upstream} sent a manifest larger than {limit} bytes")]
+    ManifestTooLarge { upstream: String, limit: u64 },
+    #[error("upstream {upstream} sent content that does not match {expected} (got {actual})")]
+    DigestMismatch {
+        upstream: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("upstream {upstream} is unavailable: {reason}")]
+    UpstreamUnavailable { upstream: String, reason: String },
+    #[error("upstream {upstream} timed out: {reason}")]
+    UpstreamTimeout { upstream: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            ManifestUnknown { .. } | BlobUnknown { .. } | NameUnknown(_) | NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            NameInvalid(_) | DigestInvalid(_) | TagInvalid(_) => StatusCode::BAD_REQUEST,
+            Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RangeNotSatisfiable(..) => StatusCode::RANGE_NOT_SATISFIABLE,
+            Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Denied { .. } => StatusCode::FORBIDDEN,
+            TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ManifestTooLarge { .. } | DigestMismatch { .. } | UpstreamUnavailable { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OCI distribution error code (plus the two docker/distribution codes clients know).
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            ManifestUnknown { .. } => "MANIFEST_UNKNOWN",
+            BlobUnknown { .. } => "BLOB_UNKNOWN",
+            NameInvalid(_) => "NAME_INVALID",
+            NameUnknown(_) => "NAME_UNKNOWN",
+            DigestInvalid(_) | DigestMismatch { .. } => "DIGEST_INVALID",
+            TagInvalid(_) => "TAG_INVALID",
+            Unsupported(_) | NotFound(_) => "UNSUPPORTED",
+            RangeNotSatisfiable(..) => "BLOB_UNKNOWN",
+            Unauthorized { .. } => "UNAUTHORIZED",
+            Denied { .. } => "DENIED",
+            TooManyRequests { .. } => "TOOMANYREQUESTS",
+            ManifestTooLarge { .. } => "MANIFEST_INVALID",
+            UpstreamUnavailable { .. } | UpstreamTimeout { .. } => "UNAVAILABLE",
+            Internal(_) => "UNKNOWN",
+        }
+    }
+
+    /// Extra response headers that belong to this error.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ApiError::TooManyRequests {
+                retry_after: Some(secs),
+                ..
+            } => vec![("Retry-After", secs.to_string())],
+            ApiError::RangeNotSatisfiable(_, len) => {
+                vec![("Content-Range", format!("bytes */{len}"))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// `{"errors":[{"code","message","detail"}]}`.
+    pub fn body(&self) -> Bytes {
+        let detail = match self {
+            ApiError::ManifestUnknown { name, reference } => {
+                serde_json::json!({ "name": name, "reference": reference })
+            }
+            ApiError::BlobUnknown { digest } => serde_json::json!({ "digest": digest.to_string() }),
+            _ => serde_json::Value::Null,
+        };
+        let doc = serde_json::json!({
+            "errors": [{ "code": self.code(), "message": self.to_string(), "detail": detail }]
+        });
+        Bytes::from(doc.to_string())
+    }
+
+    /// An upstream failure seen while fetching `what`; `not_found` is what a 404 means here.
+    pub fn from_upstream(err: &UpstreamError, not_found: ApiError) -> ApiError {
+        let upstream = err.upstream.to_string();
+        let message = err.kind.to_string();
+        match &err.kind {
+            UpstreamErrorKind::NotFound => not_found,
+            UpstreamErrorKind::Unauthorized(_) => ApiError::Unauthorized { upstream, message },
+            UpstreamErrorKind::Denied(_) => ApiError::Denied { upstream, message },
+            UpstreamErrorKind::TooManyRequests { retry_after } => ApiError::TooManyRequests {
+                upstream,
+                retry_after: *retry_after,
+            },
+            UpstreamErrorKind::TooLarge { limit } => ApiError::ManifestTooLarge {
+                upstream,
+                limit: *limit,
+            },
+            UpstreamErrorKind::DigestMismatch { expected, actual } => ApiError::DigestMismatch {
+                upstream,
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            },
+            UpstreamErrorKind::Timeout(_) => ApiError::UpstreamTimeout {
+                upstream,
+                reason: message,
+            },
+            _ => ApiError::UpstreamUnavailable {
+                upstream,
+                reason: message,
+            },
+        }
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(err: RouteError) -> Self {
+        let message = err.to_string();
+        match err {
+            RouteError::NameInvalid(_) | RouteError::NamespaceInvalid(_) => {
+                ApiError::NameInvalid(message)
+            }
+            RouteError::DigestInvalid(_) => ApiError::DigestInvalid(message),
+            RouteError::TagInvalid(_) => ApiError::TagInvalid(message),
+            RouteError::NotFound(_) => ApiError::NotFound(message),
+            RouteError::MethodNotAllowed(_) => ApiError::Unsupported(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_oci_error_json_with_code_and_detail() {
+        let digest = Digest::of(b"x");
+        let err = ApiError::BlobUnknown {
+            digest: digest.clone(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+        assert_eq!(v["errors"][0]["detail"]["digest"], digest.to_string());
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn push_methods_map_to_405_unsupported() {
+        let err = ApiError::from(RouteError::MethodNotAllowed("PUT".into()));
+        assert_eq!(err.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(err.code(), "UNSUPPORTED");
+    }
+
+    #[test]
+    fn rate_limit_carries_retry_after() {
+        let err = ApiError::TooManyRequests {
+            upstream: "docker.io".into(),
+            retry_after: Some(30),
+        };
+        assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.headers(), vec![("Retry-After", "30".to_string())]);
+        assert!(err.to_string().contains("docker.io"));
+    }
+}

@@ -1,0 +1,19 @@
+//! dockside: a pull-through caching mirror for OCI / Docker registries.
+//!
+//! Data flows one way: a request is parsed at the edge ([`oci::route`]) into validated types,
+//! [`upstream::Upstreams`] picks the upstream, [`mirror::Mirror`] answers from the content-addressed
+//! [`store`] or starts one upstream fill per digest ([`fill`]), and [`server`] writes the bytes to
+//! the client through pingora. See ARCHITECTURE.md for the full map and its invariants.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod fill;
+pub mod metrics;
+pub mod mirror;
+pub mod oci;
+pub mod server;
+pub mod singleflight;
+pub mod store;
+pub mod tags;
+pub mod upstream;

@@ -1,0 +1,153 @@
+//! Every Prometheus metric dockside exports, registered once per [`Metrics`] instance (not in the
+//! global registry, so several mirrors can run in one test process).
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by upstream, kind (manifest, blob, tag, tags_list, referrers) and
+    /// outcome (hit, miss, coalesced, stale, pass, error).
+    pub requests: IntCounterVec,
+    /// Body bytes sent to clients, by upstream, kind and source (cache, fill).
+    pub served_bytes: IntCounterVec,
+    /// Requests dockside sent upstream, by upstream, method and status (or "error").
+    pub upstream_requests: IntCounterVec,
+    /// Bytes received from upstreams into fills, by upstream.
+    pub upstream_bytes: IntCounterVec,
+    /// Fills currently running.
+    pub fills_in_flight: IntGauge,
+    /// Requests that joined a fill another request started.
+    pub coalesced: IntCounterVec,
+    /// Upstream content that did not hash to its digest (never cached).
+    pub digest_mismatches: IntCounterVec,
+    /// Tag answers served from cache because the upstream failed.
+    pub stale_served: IntCounterVec,
+    /// Bytes of committed objects on disk.
+    pub cache_bytes: IntGauge,
+    /// Committed objects on disk.
+    pub cache_objects: IntGauge,
+    /// The configured cache size limit.
+    pub cache_limit_bytes: IntGauge,
+    /// Constant 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let metrics = Metrics {
+            requests: counter(
+                "dockside_requests_total",
+                "Registry requests answered, by upstream, kind and outcome.",
+                &["upstream", "kind", "outcome"],
+            ),
+            served_bytes: counter(
+                "dockside_served_bytes_total",
+                "Body bytes sent to clients, by upstream, kind and source.",
+                &["upstream", "kind", "source"],
+            ),
+            upstream_requests: counter(
+                "dockside_upstream_requests_total",
+                "Requests sent to upstream registries, by upstream, method and status.",
+                &["upstream", "method", "status"],
+            ),
+            upstream_bytes: counter(
+                "dockside_upstream_received_bytes_total",
+                "Blob bytes received from upstream registries.",
+                &["upstream"],
+            ),
+            fills_in_flight: gauge(
+                "dockside_fills_in_flight",
+                "Upstream blob fetches currently running.",
+            ),
+            coalesced: counter(
+                "dockside_coalesced_requests_total",
+                "Requests that were served from a fill started by another request.",
+                &["upstream", "kind"],
+            ),
+            digest_mismatches: counter(
+                "dockside_digest_mismatches_total",
+                "Upstream content that did not match its digest and was discarded.",
+                &["upstream"],
+            ),
+            stale_served: counter(
+                "dockside_stale_served_total",
+                "Tag answers served from cache because the upstream failed.",
+                &["upstream"],
+            ),
+            cache_bytes: gauge("dockside_cache_bytes", "Bytes of cached objects on disk."),
+            cache_objects: gauge("dockside_cache_objects", "Cached objects on disk."),
+            cache_limit_bytes: gauge("dockside_cache_limit_bytes", "Configured cache size limit."),
+            build_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new("dockside_build_info", "Build information; always 1."),
+                    &["version"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        metrics
+    }
+
+    /// Record the store's usage: (bytes, objects).
+    pub fn record_usage(&self, (bytes, objects): (u64, u64)) {
+        self.cache_bytes.set(bytes as i64);
+        self.cache_objects.set(objects as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics_with_prefix() {
+        let m = Metrics::new();
+        m.requests
+            .with_label_values(&["docker.io", "blob", "hit"])
+            .inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            "dockside_requests_total{kind=\"blob\",outcome=\"hit\",upstream=\"docker.io\"} 1"
+        ));
+        assert!(text.contains("dockside_build_info{version="));
+    }
+}

@@ -1,0 +1,828 @@
+//! The mirror's request logic, independent of the HTTP server: a parsed request in, a response
+//! (status, headers, body source) out. Manifests are small and kept in memory as well as on disk;
+//! blobs stream from disk or from a fill in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use http::{Method, StatusCode};
+use moka::sync::Cache;
+use tracing::warn;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::fill::{BlobBody, BlobSource, Fills, content_length, wait_started};
+use crate::metrics::Metrics;
+use crate::oci::media::{self, AcceptSet};
+use crate::oci::route::{self, Route, Target};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::singleflight::SingleFlight;
+use crate::store::{BlobStore, DiskStore};
+use crate::tags::{TagCache, TagEntry, TagKey};
+use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
+
+/// Manifests larger than this are refused (the distribution spec's suggested limit).
+pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+/// Tag lists and referrer indexes passed through from upstream.
+const PASSTHROUGH_LIMIT: u64 = 16 * 1024 * 1024;
+/// Manifests kept in memory, by total size.
+const MEMORY_MANIFESTS: u64 = 64 * 1024 * 1024;
+/// How long a stale tag is served without asking a failing upstream again.
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+/// A request as the mirror needs it.
+pub struct ApiRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub accept: Vec<String>,
+    pub range: Option<String>,
+}
+
+pub enum Body {
+    Empty,
+    Full(Bytes),
+    Blob(BlobBody),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered from the cache.
+    Hit,
+    /// Fetched from upstream for this request.
+    Miss,
+    /// Joined a fetch another request started.
+    Coalesced,
+    /// Served from cache because the upstream failed.
+    Stale,
+    /// Passed through from upstream without caching.
+    Pass,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Stale => "stale",
+            Outcome::Pass => "pass",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// Where the body bytes came from, for the bytes-served metric.
+    pub fn source(self) -> &'static str {
+        match self {
+            Outcome::Miss | Outcome::Coalesced => "fill",
+            Outcome::Pass => "upstream",
+            _ => "cache",
+        }
+    }
+}
+
+pub struct ApiResponse {
+    pub status: StatusCode,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Body,
+    pub upstream: Option<Arc<str>>,
+    pub kind: &'static str,
+    pub outcome: Outcome,
+}
+
+impl ApiResponse {
+    fn error(err: &ApiError) -> ApiResponse {
+        let mut headers = err.headers();
+        headers.push(("Content-Type", "application/json".into()));
+        ApiResponse {
+            status: err.status(),
+            headers,
+            body: Body::Full(err.body()),
+            upstream: None,
+            kind: "invalid",
+            outcome: Outcome::Error,
+        }
+    }
+
+    fn new(status: StatusCode, outcome: Outcome) -> ApiResponse {
+        ApiResponse {
+            status,
+            headers: Vec::new(),
+            body: Body::Empty,
+            upstream: None,
+            kind: "invalid",
+            outcome,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+type ManifestResult = Result<(Arc<Manifest>, Outcome), ApiError>;
+
+pub struct Mirror {
+    upstreams: Upstreams,
+    store: Arc<DiskStore>,
+    fills: Fills,
+    tags: TagCache,
+    manifests: Cache<Digest, Arc<Manifest>>,
+    manifest_flights: SingleFlight<Digest, Result<Arc<Manifest>, ApiError>>,
+    tag_flights: SingleFlight<TagKey, ManifestResult>,
+    metrics: Arc<Metrics>,
+}
+
+impl Mirror {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mirror>> {
+        let store = Arc::new(
+            DiskStore::open(&config.cache.dir)
+                .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display()))?,
+        );
+        metrics.cache_limit_bytes.set(config.cache.max_size as i64);
+        let mirror = Mirror {
+            upstreams: Upstreams::new(config, metrics.clone())?,
+            fills: Fills::new(store.clone(), metrics.clone()),
+            store,
+            tags: TagCache::new(100_000),
+            manifests: Cache::builder()
+                .max_capacity(MEMORY_MANIFESTS)
+                .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            manifest_flights: SingleFlight::new(),
+            tag_flights: SingleFlight::new(),
+            metrics,
+        };
+        mirror.metrics.record_usage(mirror.store.usage());
+        Ok(Arc::new(mirror))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<DiskStore> {
+        &self.store
+    }
+
+    /// Answer one registry request.
+    pub async fn handle(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        let route = match route::parse(&req.method, &req.path, req.query.as_deref()) {
+            Ok(route) => route,
+            Err(e) => return ApiResponse::error(&e.into()),
+        };
+        let mut resp = self.dispatch(&route, req).await;
+        resp.headers.push((
+            "Docker-Distribution-API-Version",
+            "registry/2.0".to_string(),
+        ));
+        if let Some(ns) = &route.ns {
+            resp.headers.push(("OCI-Namespace", ns.clone()));
+        }
+        if route.head {
+            resp.body = Body::Empty;
+        }
+        if let Some(upstream) = &resp.upstream {
+            self.metrics
+                .requests
+                .with_label_values(&[upstream, resp.kind, resp.outcome.as_str()])
+                .inc();
+        }
+        resp
+    }
+
+    async fn dispatch(self: &Arc<Self>, route: &Route, req: &ApiRequest) -> ApiResponse {
+        let (name, kind) = match &route.target {
+            Target::Ping => {
+                let mut resp = ApiResponse::new(StatusCode::OK, Outcome::Hit);
+                resp.headers
+                    .push(("Content-Type", "application/json".into()));
+                resp.body = Body::Full(Bytes::from_static(b"{}"));
+                resp.kind = "ping";
+                return resp;
+            }
+            Target::Manifest { name, .. } => (name, "manifest"),
+            Target::Blob { name, .. } => (name, "blob"),
+            Target::TagsList { name } => (name, "tags_list"),
+            Target::Referrers { name, .. } => (name, "referrers"),
+        };
+        let (upstream, name) = match self.upstreams.resolve(route.ns.as_deref(), name) {
+            Ok(resolved) => resolved,
+            Err(e) => return ApiResponse::error(&e),
+        };
+        let result = match &route.target {
+            Target::Manifest { reference, .. } => {
+                let accept = AcceptSet::from_headers(req.accept.iter().map(String::as_str));
+                self.manifest(&upstream, &name, reference, accept)
+                    .await
+                    .map(|(m, outcome)| manifest_response(&m, outcome))
+            }
+            Target::Blob { digest, .. } => {
+                if route.head {
+                    self.blob_head(&upstream, &name, digest).await
+                } else {
+                    self.blob(&upstream, &name, digest, req.range.as_deref())
+                        .await
+                }
+            }
+            Target::TagsList { .. } => {
+                let not_found = ApiError::NameUnknown(format!(
+                    "repository {name} is not known to {}",
+                    upstream.name
+                ));
+                self.passthrough(
+                    &upstream,
+                    &name,
+                    "tags/list",
+                    route.query.as_deref(),
+                    None,
+                    not_found,
+                )
+                .await
+            }
+            Target::Referrers { digest, .. } => {
+                let not_found = ApiError::ManifestUnknown {
+                    name: name.to_string(),
+                    reference: digest.to_string(),
+                };
+                let accept = req.accept.first().map(String::as_str);
+                let suffix = format!("referrers/{digest}");
+                self.passthrough(
+                    &upstream,
+                    &name,
+                    &suffix,
+                    route.query.as_deref(),
+                    accept,
+                    not_found,
+                )
+                .await
+            }
+            Target::Ping => unreachable!("answered above"),
+        };
+        let mut resp = result.unwrap_or_else(|e| ApiResponse::error(&e));
+        resp.upstream = Some(upstream.name.clone());
+        resp.kind = kind;
+        resp
+    }
+
+    async fn manifest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> ManifestResult {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(upstream, name, digest).await,
+            Reference::Tag(tag) => self.manifest_by_tag(upstream, name, tag, accept).await,
+        }
+    }
+
+    /// A manifest from memory, else from disk.
+    async fn cached_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.manifests.get(digest) {
+            return Some(m);
+        }
+        let obj = match self.store.open(digest).await {
+            Ok(obj) => obj?,
+            Err(e) => {
+                warn!(%digest, error = %e, "could not read cached manifest");
+                return None;
+            }
+        };
+        let body = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut &obj.file, &mut buf).map(|_| buf)
+        })
+        .await
+        .ok()?
+        .ok()?;
+        let media_type = media::sniff(&body).unwrap_or_else(|| media::OCI_MANIFEST.to_string());
+        let manifest = Arc::new(Manifest {
+            digest: digest.clone(),
+            media_type,
+            body: Bytes::from(body),
+        });
+        self.manifests.insert(digest.clone(), manifest.clone());
+        Some(manifest)
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> ManifestResult {
+        if let Some(m) = self.cached_manifest(digest).await {
+            return Ok((m, Outcome::Hit));
+        }
+        let (this, up, name2, d) = (self.clone(), upstream.clone(), name.clone(), digest.clone());
+        let (result, joined) = self
+            .manifest_flights
+            .run(digest.clone(), move || async move {
+                this.fetch_manifest(&up, &name2, &Reference::Digest(d), AcceptSet::ALL)
+                    .await
+            })
+            .await;
+        let outcome = if joined {
+            Outcome::Coalesced
+        } else {
+            Outcome::Miss
+        };
+        result.map(|m| (m, outcome))
+    }
+
+    /// GET a manifest upstream, verify it, keep it on disk and in memory.
+    async fn fetch_manifest(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<Arc<Manifest>, ApiError> {
+        let not_found = || ApiError::ManifestUnknown {
+            name: name.to_string(),
+            reference: reference.to_string(),
+        };
+        let resp = upstream
+            .manifest(
+                Method::GET,
+                name,
+                &reference.to_string(),
+                &accept.header_value(),
+            )
+            .await
+            .map_err(|e| ApiError::from_upstream(&e, not_found()))?;
+        let claimed = header_digest(&resp);
+        let content_type = header_str(&resp, "content-type");
+        let body = read_limited(resp, MANIFEST_LIMIT, &upstream.name)
+            .await
+            .map_err(|e| ApiError::from_upstream(&e, not_found()))?;
+        let digest = Digest::of(&body);
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => claimed,
+        };
+        if let Some(expected) = expected.filter(|e| *e != digest) {
+            self.metrics
+                .digest_mismatches
+                .with_label_values(&[&upstream.name])
+                .inc();
+            warn!(upstream = %upstream.name, %name, %reference, %expected, actual = %digest, "manifest digest mismatch; not cached");
+            return Err(ApiError::DigestMismatch {
+                upstream: upstream.name.to_string(),
+                expected: expected.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+        match self.store.put(&digest, &body).await {
+            Ok(()) => self.metrics.record_usage(self.store.usage()),
+            Err(e) => {
+                warn!(%digest, error = %e, "could not write manifest to the cache; serving it anyway")
+            }
+        }
+        // The body decides, as it will when this manifest is next read from disk.
+        let media_type = media::sniff(&body)
+            .or(content_type.filter(|t| media::valid_media_type(t)))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_string());
+        let manifest = Arc::new(Manifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        });
+        self.manifests.insert(digest, manifest.clone());
+        Ok(manifest)
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        tag: &Tag,
+        accept: AcceptSet,
+    ) -> ManifestResult {
+        let key = TagKey {
+            upstream: upstream.name.clone(),
+            name: name.clone(),
+            tag: tag.clone(),
+            accept,
+        };
+        let known = self.tags.get(&key);
+        if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {
+            if let Some(m) = self.cached_manifest(&entry.digest).await {
+                return Ok((m, Outcome::Hit));
+            }
+        }
+        let (this, up, k) = (self.clone(), upstream.clone(), key.clone());
+        let (result, joined) = self
+            .tag_flights
+            .run(
+                key,
+                move || async move { this.refresh_tag(&up, k, known).await },
+            )
+            .await;
+        result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
+    }
+
+    /// Ask upstream what a tag points at: a HEAD when we know an earlier answer (free under
+    /// Docker Hub's pull limit), else a GET. A failing upstream gets the earlier answer served.
+    async fn refresh_tag(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        key: TagKey,
+        known: Option<TagEntry>,
+    ) -> ManifestResult {
+        let Some(known) = known else {
+            let m = self
+                .fetch_manifest(
+                    upstream,
+                    &key.name,
+                    &Reference::Tag(key.tag.clone()),
+                    key.accept,
+                )
+                .await?;
+            self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
+            return Ok((m, Outcome::Miss));
+        };
+        let head = upstream
+            .manifest(
+                Method::HEAD,
+                &key.name,
+                key.tag.as_str(),
+                &key.accept.header_value(),
+            )
+            .await;
+        match head {
+            Ok(resp) => {
+                let (m, outcome) = match header_digest(&resp) {
+                    Some(digest) => {
+                        self.manifest_by_digest(upstream, &key.name, &digest)
+                            .await?
+                    }
+                    None => {
+                        let reference = Reference::Tag(key.tag.clone());
+                        let m = self
+                            .fetch_manifest(upstream, &key.name, &reference, key.accept)
+                            .await?;
+                        (m, Outcome::Miss)
+                    }
+                };
+                self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
+                Ok((m, outcome))
+            }
+            Err(err) if err.is_transient() => self.serve_stale(upstream, key, known, &err).await,
+            Err(err) => {
+                if matches!(err.kind, UpstreamErrorKind::NotFound) {
+                    self.tags.remove(&key);
+                }
+                Err(ApiError::from_upstream(&err, manifest_unknown(&key)))
+            }
+        }
+    }
+
+    async fn serve_stale(
+        &self,
+        upstream: &Upstream,
+        key: TagKey,
+        known: TagEntry,
+        err: &UpstreamError,
+    ) -> ManifestResult {
+        let Some(m) = self.cached_manifest(&known.digest).await else {
+            return Err(ApiError::from_upstream(err, manifest_unknown(&key)));
+        };
+        warn!(upstream = %upstream.name, name = %key.name, tag = %key.tag, error = %err,
+              digest = %known.digest, "upstream failed; serving the cached tag");
+        self.metrics
+            .stale_served
+            .with_label_values(&[&upstream.name])
+            .inc();
+        // Don't ask a failing upstream on every request; try again after a short while.
+        self.tags
+            .insert(key, known.digest, upstream.tag_ttl.min(STALE_RETRY));
+        Ok((m, Outcome::Stale))
+    }
+
+    async fn blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+    ) -> Result<ApiResponse, ApiError> {
+        let (up, n, d) = (upstream.clone(), name.clone(), digest.clone());
+        let fetch = move || async move { up.blob(Method::GET, &n, &d).await }.boxed();
+        let source = self
+            .fills
+            .get(digest, &upstream.name, fetch)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let blob_unknown = || ApiError::BlobUnknown {
+            digest: digest.clone(),
+        };
+        match source {
+            BlobSource::Cached(obj) => {
+                let span = parse_range(range, Some(obj.len))?;
+                let body = BlobBody::cached(obj.file, span.start, span.end.unwrap_or(obj.len));
+                Ok(blob_response(
+                    digest,
+                    span,
+                    Some(obj.len),
+                    Some(body),
+                    Outcome::Hit,
+                ))
+            }
+            BlobSource::Filling {
+                file,
+                mut progress,
+                joined,
+            } => {
+                if joined {
+                    self.metrics
+                        .coalesced
+                        .with_label_values(&[&upstream.name, "blob"])
+                        .inc();
+                }
+                let len = wait_started(&mut progress)
+                    .await
+                    .map_err(|e| ApiError::from_upstream(&e, blob_unknown()))?;
+                let span = parse_range(range, len)?;
+                let body = BlobBody::filling(file, progress, span.start, span.end);
+                let outcome = if joined {
+                    Outcome::Coalesced
+                } else {
+                    Outcome::Miss
+                };
+                Ok(blob_response(digest, span, len, Some(body), outcome))
+            }
+        }
+    }
+
+    /// HEAD of a blob: from the cache when we have it, else asked upstream without fetching.
+    async fn blob_head(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<ApiResponse, ApiError> {
+        let (len, outcome) = match self.store.size_of(digest) {
+            Some(len) => (Some(len), Outcome::Hit),
+            None => {
+                let resp = upstream
+                    .blob(Method::HEAD, name, digest)
+                    .await
+                    .map_err(|e| {
+                        ApiError::from_upstream(
+                            &e,
+                            ApiError::BlobUnknown {
+                                digest: digest.clone(),
+                            },
+                        )
+                    })?;
+                (content_length(resp.headers()), Outcome::Pass)
+            }
+        };
+        let span = Span {
+            start: 0,
+            end: len,
+            partial: false,
+        };
+        Ok(blob_response(digest, span, len, None, outcome))
+    }
+
+    async fn passthrough(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        suffix: &str,
+        query: Option<&str>,
+        accept: Option<&str>,
+        not_found: ApiError,
+    ) -> Result<ApiResponse, ApiError> {
+        let resp = upstream
+            .passthrough(name, suffix, query, accept)
+            .await
+            .map_err(|e| ApiError::from_upstream(&e, not_found.clone()))?;
+        let mut out = ApiResponse::new(resp.status(), Outcome::Pass);
+        for header in ["content-type", "link", "oci-filters-applied"] {
+            if let Some(value) = header_str(&resp, header) {
+                out.headers.push((canonical(header), value));
+            }
+        }
+        let body = read_limited(resp, PASSTHROUGH_LIMIT, &upstream.name)
+            .await
+            .map_err(|e| ApiError::from_upstream(&e, not_found))?;
+        out.headers.push(("Content-Length", body.len().to_string()));
+        out.body = Body::Full(body);
+        Ok(out)
+    }
+}
+
+fn canonical(header: &str) -> &'static str {
+    match header {
+        "content-type" => "Content-Type",
+        "link" => "Link",
+        _ => "OCI-Filters-Applied",
+    }
+}
+
+fn manifest_unknown(key: &TagKey) -> ApiError {
+    ApiError::ManifestUnknown {
+        name: key.name.to_string(),
+        reference: key.tag.to_string(),
+    }
+}
+
+fn manifest_response(m: &Manifest, outcome: Outcome) -> ApiResponse {
+    let mut resp = ApiResponse::new(StatusCode::OK, outcome);
+    resp.headers = vec![
+        ("Content-Type", m.media_type.clone()),
+        ("Content-Length", m.body.len().to_string()),
+        ("Docker-Content-Digest", m.digest.to_string()),
+        ("ETag", format!("\"{}\"", m.digest)),
+    ];
+    resp.body = Body::Full(m.body.clone());
+    resp
+}
+
+/// The part of a blob a response sends: `end` is exclusive, `None` if not yet known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub end: Option<u64>,
+    pub partial: bool,
+}
+
+/// A single `bytes=` range against a blob of length `len`. Unparseable or multi-range headers
+/// are ignored (the whole blob is sent), as RFC 9110 allows; so is any range on a blob whose
+/// length is not known yet.
+pub fn parse_range(header: Option<&str>, len: Option<u64>) -> Result<Span, ApiError> {
+    let whole = Span {
+        start: 0,
+        end: len,
+        partial: false,
+    };
+    let (Some(header), Some(len)) = (header, len) else {
+        return Ok(whole);
+    };
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(whole);
+    };
+    if spec.contains(',') {
+        return Ok(whole);
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(whole);
+    };
+    let unsatisfiable =
+        || ApiError::RangeNotSatisfiable(format!("range {header:?} is outside the blob"), len);
+    let (start, end) = match (first.trim(), last.trim()) {
+        ("", "") => return Ok(whole),
+        ("", suffix) => {
+            let Ok(n) = suffix.parse::<u64>() else {
+                return Ok(whole);
+            };
+            if n == 0 {
+                return Err(unsatisfiable());
+            }
+            (len.saturating_sub(n), len)
+        }
+        (first, last) => {
+            let Ok(start) = first.parse::<u64>() else {
+                return Ok(whole);
+            };
+            let end = match last {
+                "" => len,
+                last => match last.parse::<u64>() {
+                    Ok(l) if l >= start => (l + 1).min(len),
+                    _ => return Ok(whole),
+                },
+            };
+            if start >= len {
+                return Err(unsatisfiable());
+            }
+            (start, end)
+        }
+    };
+    Ok(Span {
+        start,
+        end: Some(end),
+        partial: true,
+    })
+}
+
+fn blob_response(
+    digest: &Digest,
+    span: Span,
+    len: Option<u64>,
+    body: Option<BlobBody>,
+    outcome: Outcome,
+) -> ApiResponse {
+    let status = if span.partial {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = ApiResponse::new(status, outcome);
+    resp.headers = vec![
+        ("Content-Type", "application/octet-stream".into()),
+        ("Docker-Content-Digest", digest.to_string()),
+        ("ETag", format!("\"{digest}\"")),
+        ("Accept-Ranges", "bytes".into()),
+        ("Cache-Control", "max-age=31536000, immutable".into()),
+    ];
+    if let Some(end) = span.end {
+        resp.headers
+            .push(("Content-Length", (end - span.start).to_string()));
+    }
+    if let (true, Some(end), Some(len)) = (span.partial, span.end, len) {
+        resp.headers.push((
+            "Content-Range",
+            format!("bytes {}-{}/{len}", span.start, end - 1),
+        ));
+    }
+    resp.body = body.map_or(Body::Empty, Body::Blob);
+    resp
+}
+
+fn header_str(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
+    Digest::parse(&header_str(resp, "docker-content-digest")?).ok()
+}
+
+/// The whole body, refusing more than `limit` bytes.
+async fn read_limited(
+    resp: reqwest::Response,
+    limit: u64,
+    upstream: &Arc<str>,
+) -> Result<Bytes, UpstreamError> {
+    let too_large = || UpstreamError::new(upstream, UpstreamErrorKind::TooLarge { limit });
+    if content_length(resp.headers()).is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| crate::upstream::client::body_error(upstream, &e))?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: u64, end: u64) -> Span {
+        Span {
+            start,
+            end: Some(end),
+            partial: true,
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            parse_range(Some("bytes=0-9"), Some(100)).unwrap(),
+            span(0, 10)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=90-"), Some(100)).unwrap(),
+            span(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-10"), Some(100)).unwrap(),
+            span(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=50-500"), Some(100)).unwrap(),
+            span(50, 100)
+        );
+        assert!(
+            !parse_range(Some("bytes=0-1,5-6"), Some(100))
+                .unwrap()
+                .partial
+        );
+        assert!(!parse_range(Some("items=0-1"), Some(100)).unwrap().partial);
+        assert!(!parse_range(Some("bytes=5-1"), Some(100)).unwrap().partial);
+        assert!(!parse_range(Some("bytes=0-9"), None).unwrap().partial);
+        let err = parse_range(Some("bytes=100-"), Some(100)).unwrap_err();
+        assert_eq!(err.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert!(parse_range(Some("bytes=-0"), Some(100)).is_err());
+    }
+}

@@ -1,0 +1,219 @@
+//! The pingora service: turns each HTTP request into an [`ApiRequest`], lets the [`Mirror`]
+//! answer it, and writes headers and body back with real backpressure from the client socket.
+//! Nothing here knows the disk layout or the registry protocol.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+use pingora::upstreams::peer::HttpPeer;
+use tracing::info;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror};
+
+pub struct RegistryService {
+    mirror: Arc<Mirror>,
+}
+
+#[async_trait]
+impl ProxyHttp for RegistryService {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; pingora's proxying is never used.
+        Error::e_explain(ErrorType::InternalError, "dockside does not proxy raw HTTP")
+    }
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        let started = Instant::now();
+        let request = api_request(session.req_header());
+        let response = self.mirror.handle(&request).await;
+        let status = response.status;
+        let (upstream, kind, outcome) =
+            (response.upstream.clone(), response.kind, response.outcome);
+        let sent = write_response(session, response, self.mirror.metrics()).await;
+        let upstream = upstream.as_deref().unwrap_or("-");
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &sent {
+            Ok(bytes) => info!(
+                method = %request.method, path = %request.path, status = status.as_u16(),
+                upstream, kind, outcome = outcome.as_str(), bytes, elapsed_ms, "request"
+            ),
+            Err(e) => tracing::warn!(
+                method = %request.method, path = %request.path, status = status.as_u16(),
+                upstream, kind, outcome = outcome.as_str(), error = %e, elapsed_ms,
+                "response aborted"
+            ),
+        }
+        sent.map(|_| true)
+    }
+}
+
+fn api_request(header: &pingora::http::RequestHeader) -> ApiRequest {
+    let text = |name: &str| {
+        header
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    ApiRequest {
+        method: header.method.clone(),
+        path: header.uri.path().to_string(),
+        query: header.uri.query().map(str::to_string),
+        accept: text("accept"),
+        range: text("range").into_iter().next(),
+    }
+}
+
+/// Write the response; returns the body bytes sent. An error mid-body (a failed fill) is
+/// returned so pingora drops the connection: the client must not take a short body as whole.
+async fn write_response(
+    session: &mut Session,
+    response: ApiResponse,
+    metrics: &Metrics,
+) -> Result<u64> {
+    let mut header = ResponseHeader::build(response.status, Some(response.headers.len()))?;
+    for (name, value) in &response.headers {
+        header.insert_header(*name, value.as_str())?;
+    }
+    let served = |n: u64| {
+        if let Some(upstream) = &response.upstream {
+            metrics
+                .served_bytes
+                .with_label_values(&[upstream, response.kind, response.outcome.source()])
+                .inc_by(n);
+        }
+    };
+    match response.body {
+        Body::Empty => {
+            session
+                .write_response_header(Box::new(header), true)
+                .await?;
+            Ok(0)
+        }
+        Body::Full(bytes) => {
+            let len = bytes.len() as u64;
+            header.set_content_length(bytes.len())?;
+            session
+                .write_response_header(Box::new(header), false)
+                .await?;
+            session.write_response_body(Some(bytes), true).await?;
+            served(len);
+            Ok(len)
+        }
+        Body::Blob(mut blob) => {
+            session
+                .write_response_header(Box::new(header), false)
+                .await?;
+            let mut sent = 0;
+            loop {
+                let chunk = blob.next_chunk().await.map_err(|e| {
+                    Error::explain(ErrorType::InternalError, format!("blob body failed: {e}"))
+                });
+                match chunk {
+                    Ok(Some(bytes)) => {
+                        sent += bytes.len() as u64;
+                        session.write_response_body(Some(bytes), false).await?;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        served(sent);
+                        return Err(e);
+                    }
+                }
+            }
+            session.write_response_body(None, true).await?;
+            served(sent);
+            Ok(sent)
+        }
+    }
+}
+
+/// A shutdown trigger for running dockside in-process (tests): sending `true` stops it fast.
+pub struct ChannelShutdown(pub tokio::sync::watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// Start the mirror and block until shutdown. `shutdown` is usually pingora's Unix signal
+/// watcher (SIGINT fast, SIGTERM graceful within `grace_period`, SIGQUIT hands over listeners).
+pub fn run(config: Config, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Result<()> {
+    check_listen_addresses(&config)?;
+    let metrics = Arc::new(Metrics::new());
+    let mirror = Mirror::new(&config, metrics)?;
+
+    let grace = config.grace_period.as_secs().max(1);
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(grace),
+        ..ServerConf::default()
+    };
+    conf.upgrade_sock = config
+        .cache
+        .dir
+        .join("dockside-upgrade.sock")
+        .to_string_lossy()
+        .into_owned();
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut registry = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        RegistryService {
+            mirror: mirror.clone(),
+        },
+        "dockside registry",
+    );
+    for addr in &config.listen {
+        registry.add_tcp(addr);
+    }
+    if let Some(app) = registry.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    server.add_service(registry);
+
+    if let Some(addr) = &config.admin_listen {
+        let mut admin = Service::new("dockside admin".to_string(), AdminApp::new(mirror.clone()));
+        admin.add_tcp(addr);
+        server.add_service(admin);
+    }
+    info!(listen = ?config.listen, admin = ?config.admin_listen, cache = %config.cache.dir.display(),
+          upstreams = config.upstreams.len(), "dockside starting");
+    server.run(RunArgs {
+        shutdown_signal: shutdown,
+    });
+    info!("dockside stopped");
+    Ok(())
+}
+
+/// pingora aborts the process on a bind error; checking first gives an operator a clear message.
+fn check_listen_addresses(config: &Config) -> anyhow::Result<()> {
+    let all = config.listen.iter().map(|a| ("listen", a));
+    for (key, addr) in all.chain(config.admin_listen.iter().map(|a| ("admin_listen", a))) {
+        std::net::TcpListener::bind(addr.as_str())
+            .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"))?;
+    }
+    Ok(())
+}

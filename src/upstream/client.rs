@@ -1,0 +1,353 @@
+//! One upstream registry: an HTTP client with its own CA, timeouts and credentials, the bearer
+//! token flow, and the mapping of upstream statuses to [`UpstreamErrorKind`].
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use http::{HeaderValue, Method, StatusCode};
+use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use tracing::debug;
+use url::Url;
+
+use super::auth::{Challenge, TokenCache, TokenResponse, parse_challenge, pull_scope};
+use super::{UpstreamError, UpstreamErrorKind};
+use crate::config::{Credentials, Timeouts, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+
+/// What the upstream asked us to authenticate with, learned from its first challenge.
+#[derive(Clone)]
+enum AuthMode {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub tag_ttl: Duration,
+    /// Docker Hub: one-component names mean `library/<name>`.
+    pub library_prefix: bool,
+    base: Url,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    timeouts: Timeouts,
+    mode: RwLock<Option<AuthMode>>,
+    tokens: TokenCache,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("dockside/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(cfg.timeouts.connect)
+            .read_timeout(cfg.timeouts.idle)
+            .pool_idle_timeout(Duration::from_secs(90));
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("upstream {}: ca_file {}: {e}", cfg.name, path.display())
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let hub_names = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+        let library_prefix = std::iter::once(&cfg.name)
+            .chain(&cfg.aliases)
+            .any(|n| hub_names.contains(&n.to_ascii_lowercase().as_str()));
+        Ok(Upstream {
+            name: Arc::from(cfg.name.as_str()),
+            tag_ttl: cfg.tag_ttl,
+            library_prefix,
+            base: cfg.url.clone(),
+            http: builder.build()?,
+            credentials: cfg.credentials.clone(),
+            timeouts: cfg.timeouts.clone(),
+            mode: RwLock::new(None),
+            tokens: TokenCache::new(),
+            metrics,
+        })
+    }
+
+    fn error(&self, kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError::new(&self.name, kind)
+    }
+
+    /// GET or HEAD a manifest by tag or digest (`reference` is already validated).
+    pub async fn manifest(
+        &self,
+        method: Method,
+        name: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = format!("{name}/manifests/{reference}");
+        self.request(method, name, &path, None, Some(accept)).await
+    }
+
+    /// GET or HEAD a blob.
+    pub async fn blob(
+        &self,
+        method: Method,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = format!("{name}/blobs/{digest}");
+        self.request(method, name, &path, None, None).await
+    }
+
+    /// GET an API path under the repository (tags/list, referrers/…) with the client's query.
+    pub async fn passthrough(
+        &self,
+        name: &RepoName,
+        suffix: &str,
+        query: Option<&str>,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = format!("{name}/{suffix}");
+        self.request(Method::GET, name, &path, query, accept).await
+    }
+
+    /// Send a request under `/v2/`, answering one authentication challenge if there is one.
+    async fn request(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        query: Option<&str>,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut url = self
+            .base
+            .join(&format!("/v2/{path}"))
+            .map_err(|e| self.error(UpstreamErrorKind::Connect(e.to_string())))?;
+        url.set_query(query);
+        let scope = pull_scope(name.as_str());
+        let mut authorization = self.known_authorization(&scope).await?;
+        let mut challenged = false;
+        loop {
+            let resp = self
+                .send(method.clone(), &url, accept, authorization.as_ref())
+                .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                authorization = Some(self.answer_challenge(&resp, &scope).await?);
+                continue;
+            }
+            return self.check_status(resp);
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        accept: Option<&str>,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut req = self.http.request(method.clone(), url.clone());
+        if let Some(accept) = accept {
+            req = req.header(ACCEPT, accept);
+        }
+        if let Some(value) = authorization {
+            req = req.header(AUTHORIZATION, value.clone());
+        }
+        let sent = tokio::time::timeout(self.timeouts.first_byte, req.send()).await;
+        let status_label = match &sent {
+            Ok(Ok(resp)) => resp.status().as_u16().to_string(),
+            _ => "error".to_string(),
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, method.as_str(), &status_label])
+            .inc();
+        match sent {
+            Err(_) => Err(self.error(UpstreamErrorKind::Timeout(format!(
+                "waiting {:?} for the first byte of {url}",
+                self.timeouts.first_byte
+            )))),
+            Ok(Err(e)) => Err(self.error(classify(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// An Authorization header for `scope` from what earlier challenges taught us, so most
+    /// requests need one round trip.
+    async fn known_authorization(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+        let mode = self.mode.read().expect("auth mode lock").clone();
+        match mode {
+            None => Ok(None),
+            Some(AuthMode::Basic) => Ok(self.basic_header()),
+            Some(AuthMode::Bearer { realm, service }) => match self.tokens.get(scope) {
+                Some(token) => Ok(bearer_header(&token)),
+                None => self
+                    .fetch_token(&realm, service.as_deref(), scope)
+                    .await
+                    .map(Some),
+            },
+        }
+    }
+
+    async fn answer_challenge(
+        &self,
+        resp: &reqwest::Response,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let header = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                self.error(UpstreamErrorKind::Unauthorized(
+                    "401 without a challenge".into(),
+                ))
+            })?;
+        let challenge = parse_challenge(header)
+            .map_err(|e| self.error(UpstreamErrorKind::Unauthorized(e.to_string())))?;
+        match challenge {
+            Challenge::Basic => {
+                let value = self.basic_header().ok_or_else(|| {
+                    self.error(UpstreamErrorKind::Unauthorized(
+                        "the upstream asks for credentials and none are configured".into(),
+                    ))
+                })?;
+                *self.mode.write().expect("auth mode lock") = Some(AuthMode::Basic);
+                Ok(value)
+            }
+            Challenge::Bearer { realm, service, .. } => {
+                *self.mode.write().expect("auth mode lock") = Some(AuthMode::Bearer {
+                    realm: realm.clone(),
+                    service: service.clone(),
+                });
+                self.fetch_token(&realm, service.as_deref(), scope).await
+            }
+        }
+    }
+
+    /// The token flow: GET realm?service=…&scope=…, with Basic credentials when configured.
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let unauthorized = |msg: String| self.error(UpstreamErrorKind::Unauthorized(msg));
+        let mut url =
+            Url::parse(realm).map_err(|e| unauthorized(format!("token realm {realm:?}: {e}")))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        let mut req = self.http.get(url.clone());
+        if let Some(creds) = &self.credentials {
+            req = req.basic_auth(&creds.username, Some(creds.password.expose()));
+        }
+        let resp = tokio::time::timeout(self.timeouts.first_byte, req.send())
+            .await
+            .map_err(|_| {
+                self.error(UpstreamErrorKind::Timeout(format!(
+                    "fetching a token from {realm}"
+                )))
+            })?
+            .map_err(|e| self.error(classify(&e)))?;
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, "TOKEN", resp.status().as_str()])
+            .inc();
+        if !resp.status().is_success() {
+            return Err(unauthorized(format!(
+                "token endpoint {realm} answered {}",
+                resp.status()
+            )));
+        }
+        let parsed: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| unauthorized(format!("token endpoint {realm}: {e}")))?;
+        let (token, expires_in) = parsed
+            .into_parts()
+            .ok_or_else(|| unauthorized(format!("token endpoint {realm} sent no token")))?;
+        debug!(upstream = %self.name, scope, ?expires_in, "fetched bearer token");
+        let header = bearer_header(&token)
+            .ok_or_else(|| unauthorized("token is not a valid header value".into()))?;
+        self.tokens.insert(scope, token, expires_in);
+        Ok(header)
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        let creds = self.credentials.as_ref()?;
+        let raw = format!("{}:{}", creds.username, creds.password.expose());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+        let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    fn check_status(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let kind = match status {
+            StatusCode::NOT_FOUND => UpstreamErrorKind::NotFound,
+            StatusCode::UNAUTHORIZED => UpstreamErrorKind::Unauthorized(format!(
+                "still {status} after authenticating{}",
+                if self.credentials.is_some() {
+                    ""
+                } else {
+                    " (no credentials configured)"
+                }
+            )),
+            StatusCode::FORBIDDEN => UpstreamErrorKind::Denied(status.to_string()),
+            StatusCode::TOO_MANY_REQUESTS => UpstreamErrorKind::TooManyRequests {
+                retry_after: resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok()),
+            },
+            other => UpstreamErrorKind::Status(other.as_u16()),
+        };
+        Err(self.error(kind))
+    }
+}
+
+fn bearer_header(token: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+fn classify(err: &reqwest::Error) -> UpstreamErrorKind {
+    // The full error chain says why (refused, DNS, TLS); the top level only says "error sending".
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        UpstreamErrorKind::Timeout(message)
+    } else if err.is_body() || err.is_decode() {
+        UpstreamErrorKind::Body(message)
+    } else {
+        UpstreamErrorKind::Connect(message)
+    }
+}
+
+/// Map a body-stream error the same way as a send error.
+pub fn body_error(upstream: &Arc<str>, err: &reqwest::Error) -> UpstreamError {
+    let kind = match classify(err) {
+        UpstreamErrorKind::Connect(m) => UpstreamErrorKind::Body(m),
+        other => other,
+    };
+    UpstreamError::new(upstream, kind)
+}

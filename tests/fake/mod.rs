@@ -1,0 +1,336 @@
+//! An in-process fake upstream registry for the in-process tests: serves manifests and blobs it
+//! is given, can require Basic or Bearer auth, and injects faults (corrupt or truncated bodies,
+//! slow streaming, being down). It records every request so tests can count upstream traffic.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Serve the right length with one byte flipped.
+    Corrupt,
+    /// Announce the full length, send this many bytes, then break the connection.
+    Truncate(usize),
+}
+
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    Basic(String, String),
+    /// Bearer tokens from this server's own /token endpoint, which wants these Basic credentials.
+    Bearer(String, String),
+}
+
+#[derive(Default)]
+struct State {
+    manifests: HashMap<String, (String, Bytes)>,
+    blobs: HashMap<String, Bytes>,
+    faults: HashMap<String, Fault>,
+    log: Vec<String>,
+    auth: Auth,
+    down: bool,
+    chunk_delay: Duration,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    state: Arc<Mutex<State>>,
+    pub addr: SocketAddr,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeUpstream {
+            state: Arc::default(),
+            addr: listener.local_addr().unwrap(),
+        };
+        let server = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let fake = server.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let fake = fake.clone();
+                        async move { Ok::<_, Infallible>(fake.handle(req)) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    pub fn add_blob(&self, data: &[u8]) -> String {
+        let digest = digest_of(data);
+        self.with(|s| s.blobs.insert(digest.clone(), Bytes::copy_from_slice(data)));
+        digest
+    }
+
+    /// Store a manifest under `repo` by digest and, if given, by tag. Returns its digest.
+    pub fn add_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        body: &[u8],
+    ) -> String {
+        let digest = digest_of(body);
+        let entry = (media_type.to_string(), Bytes::copy_from_slice(body));
+        self.with(|s| {
+            s.manifests
+                .insert(format!("{repo}/{digest}"), entry.clone());
+            if let Some(tag) = tag {
+                s.manifests.insert(format!("{repo}/{tag}"), entry);
+            }
+        });
+        digest
+    }
+
+    /// Serve `body` for `repo@digest` even though it does not hash to `digest`.
+    pub fn add_lying_manifest(&self, repo: &str, digest: &str, body: &[u8]) {
+        let entry = (OCI_MANIFEST.to_string(), Bytes::copy_from_slice(body));
+        self.with(|s| s.manifests.insert(format!("{repo}/{digest}"), entry));
+    }
+
+    pub fn set_fault(&self, digest: &str, fault: Option<Fault>) {
+        self.with(|s| match fault {
+            Some(f) => s.faults.insert(digest.to_string(), f),
+            None => s.faults.remove(digest),
+        });
+    }
+
+    pub fn set_auth(&self, auth: Auth) {
+        self.with(|s| s.auth = auth);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.with(|s| s.down = down);
+    }
+
+    /// Stream blobs in 64 KiB chunks with this pause between them.
+    pub fn set_chunk_delay(&self, delay: Duration) {
+        self.with(|s| s.chunk_delay = delay);
+    }
+
+    /// Requests seen so far, as "METHOD /path".
+    pub fn log(&self) -> Vec<String> {
+        self.with(|s| s.log.clone())
+    }
+
+    pub fn count(&self, prefix: &str) -> usize {
+        self.log().iter().filter(|l| l.starts_with(prefix)).count()
+    }
+
+    fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let (auth, down, delay) = self.with(|s| {
+            s.log.push(format!("{method} {path}"));
+            (s.auth.clone(), s.down, s.chunk_delay)
+        });
+        if down {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "down");
+        }
+        if path == "/token" {
+            return self.token(&req, &auth);
+        }
+        if let Some(challenge) = self.challenge(&req, &auth, &path) {
+            return challenge;
+        }
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return text(StatusCode::NOT_FOUND, "no route");
+        };
+        let head = method == hyper::Method::HEAD;
+        if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+            return self.manifest(repo, reference, head);
+        }
+        if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
+            return self.blob(digest, head, delay);
+        }
+        if let Some(repo) = rest.strip_suffix("/tags/list") {
+            let body = serde_json::json!({ "name": repo, "tags": ["fake"] }).to_string();
+            return bytes_response(StatusCode::OK, "application/json", Bytes::from(body), false);
+        }
+        text(StatusCode::NOT_FOUND, "no route")
+    }
+
+    fn token(&self, req: &Request<Incoming>, auth: &Auth) -> Response<Body> {
+        let Auth::Bearer(user, pass) = auth else {
+            return text(StatusCode::NOT_FOUND, "no token service");
+        };
+        if header(req, "authorization") != Some(basic(user, pass)) {
+            return text(StatusCode::UNAUTHORIZED, "bad credentials");
+        }
+        let body = r#"{"token":"fake-token","expires_in":300}"#;
+        bytes_response(StatusCode::OK, "application/json", Bytes::from(body), false)
+    }
+
+    fn challenge(
+        &self,
+        req: &Request<Incoming>,
+        auth: &Auth,
+        path: &str,
+    ) -> Option<Response<Body>> {
+        let (expected, challenge) = match auth {
+            Auth::None => return None,
+            Auth::Basic(user, pass) => (basic(user, pass), r#"Basic realm="fake""#.to_string()),
+            Auth::Bearer(..) => {
+                let repo = path
+                    .strip_prefix("/v2/")
+                    .and_then(|r| {
+                        r.split_once("/manifests/")
+                            .or_else(|| r.split_once("/blobs/"))
+                    })
+                    .map_or("", |(repo, _)| repo);
+                let challenge = format!(
+                    r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#,
+                    self.url()
+                );
+                ("Bearer fake-token".to_string(), challenge)
+            }
+        };
+        if header(req, "authorization") == Some(expected) {
+            return None;
+        }
+        let mut resp = text(StatusCode::UNAUTHORIZED, "authenticate");
+        resp.headers_mut()
+            .insert("www-authenticate", challenge.parse().unwrap());
+        Some(resp)
+    }
+
+    fn manifest(&self, repo: &str, reference: &str, head: bool) -> Response<Body> {
+        let Some((media_type, body)) =
+            self.with(|s| s.manifests.get(&format!("{repo}/{reference}")).cloned())
+        else {
+            return text(StatusCode::NOT_FOUND, "manifest unknown");
+        };
+        let mut resp = bytes_response(StatusCode::OK, &media_type, body.clone(), head);
+        resp.headers_mut()
+            .insert("docker-content-digest", digest_of(&body).parse().unwrap());
+        resp
+    }
+
+    fn blob(&self, digest: &str, head: bool, delay: Duration) -> Response<Body> {
+        let Some((data, fault)) = self.with(|s| {
+            let data = s.blobs.get(digest).cloned()?;
+            Some((data, s.faults.get(digest).copied()))
+        }) else {
+            return text(StatusCode::NOT_FOUND, "blob unknown");
+        };
+        let len = data.len();
+        let (data, cut) = match fault {
+            Some(Fault::Corrupt) => {
+                let mut corrupt = data.to_vec();
+                corrupt[len / 2] ^= 0xff;
+                (Bytes::from(corrupt), None)
+            }
+            Some(Fault::Truncate(n)) => (data, Some(n)),
+            None => (data, None),
+        };
+        if head || (delay.is_zero() && cut.is_none()) {
+            return bytes_response(StatusCode::OK, "application/octet-stream", data, head);
+        }
+        let stream = chunked(data, cut, delay);
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", len)
+            .body(StreamBody::new(stream).boxed())
+            .unwrap()
+    }
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// A body stream of 64 KiB frames, pausing `delay` between them, failing after `cut` bytes.
+fn chunked(
+    data: Bytes,
+    cut: Option<usize>,
+    delay: Duration,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
+{
+    let end = cut.unwrap_or(data.len());
+    futures_util::stream::unfold(0usize, move |pos| {
+        let data = data.clone();
+        async move {
+            if pos >= end {
+                return if cut.is_some() && pos < data.len() {
+                    Some((Err(std::io::Error::other("injected break")), usize::MAX))
+                } else {
+                    None
+                };
+            }
+            if pos > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let next = (pos + 64 * 1024).min(end);
+            Some((Ok(Frame::data(data.slice(pos..next))), next))
+        }
+    })
+}
+
+fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers().get(name)?.to_str().ok().map(str::to_string)
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    format!("Basic {encoded}")
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    bytes_response(
+        status,
+        "text/plain",
+        Bytes::from(message.to_string()),
+        false,
+    )
+}
+
+fn bytes_response(
+    status: StatusCode,
+    content_type: &str,
+    body: Bytes,
+    head: bool,
+) -> Response<Body> {
+    let len = body.len();
+    let body = if head { Bytes::new() } else { body };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", len)
+        .body(Full::new(body).map_err(|never| match never {}).boxed())
+        .unwrap()
+}

@@ -1,0 +1,525 @@
+//! In-process tests of the whole mirror: dockside runs on free loopback ports in this process,
+//! in front of the fake upstream of `fake/`, which injects the faults a real registry won't.
+//! The end-to-end suite (tests/e2e.rs) does the same with the real binary, a real registry and
+//! real clients.
+
+mod fake;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dockside::config::Config;
+use dockside::server::{ChannelShutdown, run};
+use fake::{Auth, FakeUpstream, Fault, OCI_MANIFEST, digest_of};
+use reqwest::StatusCode;
+
+struct Mirror {
+    base: String,
+    admin: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start dockside with the given `upstreams:` YAML list and tag TTL.
+async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let yaml = format!(
+        "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\ngrace_period: 0s\nthreads: 2\n\
+         cache:\n  dir: {}\n  max_size: 1GiB\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}",
+        dir.path().display()
+    );
+    let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let thread = std::thread::spawn(move || run(config, Box::new(ChannelShutdown(rx))).unwrap());
+    let mirror = Mirror {
+        base: format!("http://127.0.0.1:{port}"),
+        admin: format!("http://127.0.0.1:{admin}"),
+        stop,
+        thread: Some(thread),
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("{}/v2/", mirror.base)).await.is_err() {
+        assert!(Instant::now() < deadline, "dockside did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mirror
+}
+
+fn one_upstream(fake: &FakeUpstream, extra: &str) -> String {
+    format!("  - name: docker.io\n    url: {}\n{extra}", fake.url())
+}
+
+fn blob_data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn image_manifest(layers: &[&str]) -> Vec<u8> {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": 1}))
+        .collect();
+    serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"{}"), "size": 2},
+        "layers": layers,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn get(url: &str) -> reqwest::Response {
+    reqwest::get(url).await.unwrap()
+}
+
+async fn error_code(resp: reqwest::Response) -> String {
+    let v: serde_json::Value = resp.json().await.unwrap();
+    v["errors"][0]["code"].as_str().unwrap().to_string()
+}
+
+async fn metrics(m: &Mirror) -> String {
+    get(&format!("{}/metrics", m.admin))
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn herd_on_a_cold_blob_makes_one_upstream_fetch() {
+    let fake = FakeUpstream::start().await;
+    let data = Arc::new(blob_data(4 << 20, 1));
+    let digest = fake.add_blob(&data);
+    fake.set_chunk_delay(Duration::from_millis(5));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+
+    let url = format!("{}/v2/library/herd/blobs/{digest}", m.base);
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (url, data) = (url.clone(), data.clone());
+            tokio::spawn(async move {
+                let body = get(&url).await.bytes().await.unwrap();
+                assert_eq!(body.len(), data.len());
+                assert!(body[..] == data[..], "a client got the wrong bytes");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        fake.count(&format!("GET /v2/library/herd/blobs/{digest}")),
+        1
+    );
+    let text = metrics(&m).await;
+    assert!(
+        text.contains("dockside_coalesced_requests_total{kind=\"blob\",upstream=\"docker.io\"}")
+    );
+    // A warm request sends nothing upstream.
+    let before = fake.log().len();
+    assert_eq!(get(&url).await.bytes().await.unwrap().len(), data.len());
+    assert_eq!(fake.log().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn first_byte_arrives_before_the_fill_ends() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(2 << 20, 2);
+    let digest = fake.add_blob(&data);
+    // 32 chunks × 50 ms: the whole fill takes about 1.6 s.
+    fake.set_chunk_delay(Duration::from_millis(50));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let started = Instant::now();
+    let mut resp = get(&format!("{}/v2/library/x/blobs/{digest}", m.base)).await;
+    let first = resp.chunk().await.unwrap().unwrap();
+    let first_byte = started.elapsed();
+    assert!(!first.is_empty());
+    let mut total = first.len();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    let whole = started.elapsed();
+    assert_eq!(total, data.len());
+    assert!(
+        first_byte * 4 < whole,
+        "first byte after {first_byte:?}, whole body after {whole:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_blob_is_never_completed_or_cached() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(1 << 20, 3);
+    let digest = fake.add_blob(&data);
+    fake.set_fault(&digest, Some(Fault::Corrupt));
+    // Slow chunks keep the client streaming while the fill runs, so it has its 200 and most of
+    // the body when the digest check fails. (The held-back last byte is unit-tested in fill.rs.)
+    fake.set_chunk_delay(Duration::from_millis(5));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+
+    let resp = get(&url).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.is_err(),
+        "a corrupt body must be aborted, not completed"
+    );
+    assert!(
+        metrics(&m)
+            .await
+            .contains("dockside_digest_mismatches_total{upstream=\"docker.io\"} 1")
+    );
+
+    // Nothing was kept: once upstream is healthy, the next request fetches again and succeeds.
+    fake.set_fault(&digest, None);
+    fake.set_chunk_delay(Duration::ZERO);
+    let body = get(&url).await.bytes().await.unwrap();
+    assert!(body[..] == data[..]);
+    assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(1 << 20, 4);
+    let digest = fake.add_blob(&data);
+    fake.set_fault(&digest, Some(Fault::Truncate(300_000)));
+    fake.set_chunk_delay(Duration::from_millis(10));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+
+    // Either the break comes before the answer (a 5xx naming the upstream) or during the body
+    // (an aborted body); never a complete 200.
+    let resp = get(&url).await;
+    if resp.status() == StatusCode::OK {
+        assert!(
+            resp.bytes().await.is_err(),
+            "a truncated body was completed"
+        );
+    } else {
+        assert!(resp.status().is_server_error());
+    }
+    fake.set_chunk_delay(Duration::ZERO);
+    fake.set_fault(&digest, None);
+    assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
+    assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_does_not_cancel_the_fill() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(2 << 20, 5);
+    let digest = fake.add_blob(&data);
+    fake.set_chunk_delay(Duration::from_millis(10));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+
+    let mut resp = get(&url).await;
+    resp.chunk().await.unwrap();
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics(&m).await.contains("dockside_cache_objects 1") {
+        assert!(
+            Instant::now() < deadline,
+            "the fill did not finish after its client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
+    assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_on_cached_and_filling_blobs() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(1 << 20, 6);
+    let digest = fake.add_blob(&data);
+    fake.set_chunk_delay(Duration::from_millis(20));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+    let client = reqwest::Client::new();
+    let range = |r: &'static str| client.get(&url).header("range", r).send();
+
+    // Cold: the fill starts with this request.
+    let resp = range("bytes=1000-1999").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 1000-1999/{}", data.len())
+    );
+    assert!(resp.bytes().await.unwrap()[..] == data[1000..2000]);
+    // Warm, suffix and open-ended.
+    let resp = range("bytes=-10").await.unwrap();
+    assert!(resp.bytes().await.unwrap()[..] == data[data.len() - 10..]);
+    let resp = range("bytes=1048000-").await.unwrap();
+    assert!(resp.bytes().await.unwrap()[..] == data[1048000..]);
+    let resp = range("bytes=99999999-").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_are_cached_then_revalidated_with_head_then_served_stale() {
+    let fake = FakeUpstream::start().await;
+    let v1 = image_manifest(&[&digest_of(b"one")]);
+    let d1 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v1);
+    let m = start_mirror(&one_upstream(&fake, ""), "1s").await;
+    let url = format!("{}/v2/app/manifests/1", m.base);
+
+    let resp = get(&url).await;
+    assert_eq!(resp.headers()["docker-content-digest"], d1.as_str());
+    assert_eq!(resp.headers()["content-type"], OCI_MANIFEST);
+    assert!(resp.bytes().await.unwrap()[..] == v1[..]);
+    // Inside the TTL: no upstream request at all.
+    let before = fake.log().len();
+    get(&url).await.bytes().await.unwrap();
+    assert_eq!(fake.log().len(), before);
+
+    // After it: a HEAD revalidates; the tag moved, so the new manifest is fetched by digest.
+    let v2 = image_manifest(&[&digest_of(b"two")]);
+    let d2 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let resp = get(&url).await;
+    assert_eq!(resp.headers()["docker-content-digest"], d2.as_str());
+    assert_eq!(fake.count("HEAD /v2/library/app/manifests/1"), 1);
+    assert_eq!(fake.count("GET /v2/library/app/manifests/1"), 1);
+    assert_eq!(
+        fake.count(&format!("GET /v2/library/app/manifests/{d2}")),
+        1
+    );
+
+    // Upstream down: the cached answer is served, with a metric saying so.
+    fake.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let resp = get(&url).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["docker-content-digest"], d2.as_str());
+    assert!(
+        metrics(&m)
+            .await
+            .contains("dockside_stale_served_total{upstream=\"docker.io\"} 1")
+    );
+    // A tag never seen cannot be served stale: a clear upstream error, naming it.
+    let resp = get(&format!("{}/v2/app/manifests/never", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("docker.io")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manifest_with_a_wrong_digest_is_refused_and_not_cached() {
+    let fake = FakeUpstream::start().await;
+    let claimed = digest_of(b"what the client asked for");
+    fake.add_lying_manifest("library/app", &claimed, &image_manifest(&[]));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/app/manifests/{claimed}", m.base);
+    for _ in 0..2 {
+        let resp = get(&url).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+    }
+    assert_eq!(
+        fake.count(&format!("GET /v2/library/app/manifests/{claimed}")),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bearer_token_is_fetched_once_per_scope_with_credentials() {
+    let fake = FakeUpstream::start().await;
+    fake.set_auth(Auth::Bearer("alice".into(), "s3cret".into()));
+    let d = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &image_manifest(&[]));
+    let blob = fake.add_blob(b"layer");
+    let creds = "    username: alice\n    password: s3cret\n";
+    let m = start_mirror(&one_upstream(&fake, creds), "5m").await;
+
+    let resp = get(&format!("{}/v2/app/manifests/1", m.base)).await;
+    assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
+    let resp = get(&format!("{}/v2/app/blobs/{blob}", m.base)).await;
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"layer");
+    assert_eq!(fake.count("GET /token"), 1, "{:?}", fake.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn basic_auth_upstream_and_wrong_password() {
+    let fake = FakeUpstream::start().await;
+    fake.set_auth(Auth::Basic("bob".into(), "right".into()));
+    let blob = fake.add_blob(b"basic layer");
+    let good = start_mirror(
+        &one_upstream(&fake, "    username: bob\n    password: right\n"),
+        "5m",
+    )
+    .await;
+    let resp = get(&format!("{}/v2/app/blobs/{blob}", good.base)).await;
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"basic layer");
+
+    let bad = start_mirror(
+        &one_upstream(&fake, "    username: bob\n    password: wrong\n"),
+        "5m",
+    )
+    .await;
+    let other = fake.add_blob(b"other layer");
+    let resp = get(&format!("{}/v2/app/blobs/{other}", bad.base)).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(resp).await, "UNAUTHORIZED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routing_by_ns_prefix_and_default() {
+    let hub = FakeUpstream::start().await;
+    let ghcr = FakeUpstream::start().await;
+    let hub_blob = hub.add_blob(b"from hub");
+    let ghcr_blob = ghcr.add_blob(b"from ghcr");
+    let upstreams = format!(
+        "  - name: docker.io\n    url: {}\n    aliases: [index.docker.io]\n  - name: ghcr.io\n    url: {}\n",
+        hub.url(),
+        ghcr.url()
+    );
+    let m = start_mirror(&upstreams, "5m").await;
+
+    // ?ns= by alias, echoed back; one-component names get library/ on Docker Hub.
+    let resp = get(&format!(
+        "{}/v2/alpine/blobs/{hub_blob}?ns=index.docker.io",
+        m.base
+    ))
+    .await;
+    assert_eq!(resp.headers()["oci-namespace"], "index.docker.io");
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"from hub");
+    assert_eq!(
+        hub.count(&format!("GET /v2/library/alpine/blobs/{hub_blob}")),
+        1
+    );
+    // Path prefix.
+    let resp = get(&format!(
+        "{}/v2/ghcr.io/owner/app/blobs/{ghcr_blob}",
+        m.base
+    ))
+    .await;
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"from ghcr");
+    assert_eq!(
+        ghcr.count(&format!("GET /v2/owner/app/blobs/{ghcr_blob}")),
+        1
+    );
+    // ns naming ghcr.io, no library/ rule there.
+    let resp = get(&format!("{}/v2/app/blobs/{ghcr_blob}?ns=ghcr.io", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Unknown ns: refused, never proxied.
+    let resp = get(&format!(
+        "{}/v2/app/blobs/{hub_blob}?ns=evil.example.com",
+        m.base
+    ))
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+    // Tag lists pass through.
+    let resp = get(&format!("{}/v2/ghcr.io/owner/app/tags/list", m.base)).await;
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["name"], "owner/app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_errors_are_oci_json_with_the_right_code() {
+    let fake = FakeUpstream::start().await;
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let client = reqwest::Client::new();
+    let cases = [
+        (
+            "PUT",
+            "/v2/app/manifests/1",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+        ),
+        (
+            "POST",
+            "/v2/app/blobs/uploads/",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+        ),
+        (
+            "DELETE",
+            "/v2/app/manifests/1",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+        ),
+        (
+            "GET",
+            "/v2/app/blobs/sha256:ABC",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/App/manifests/1",
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/app/manifests/nope",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let resp = client
+            .request(method.parse().unwrap(), format!("{}{path}", m.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        assert_eq!(error_code(resp).await, code, "{method} {path}");
+    }
+    let missing = digest_of(b"missing");
+    let resp = get(&format!("{}/v2/app/blobs/{missing}", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
+    // Nothing was sent upstream for requests refused at the edge.
+    assert!(
+        fake.log()
+            .iter()
+            .all(|l| !l.contains("ABC") && !l.starts_with("PUT"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_of_a_cold_blob_does_not_fetch_it() {
+    let fake = FakeUpstream::start().await;
+    let digest = fake.add_blob(&blob_data(100_000, 7));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let resp = reqwest::Client::new()
+        .head(format!("{}/v2/app/blobs/{digest}", m.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-length"], "100000");
+    assert_eq!(resp.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(fake.count("GET "), 0);
+    assert_eq!(fake.count("HEAD "), 1);
+}
