@@ -523,3 +523,58 @@ async fn head_of_a_cold_blob_does_not_fetch_it() {
     assert_eq!(fake.count("GET "), 0);
     assert_eq!(fake.count("HEAD "), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_redirects_are_followed_without_sending_credentials_to_the_cdn() {
+    let registry = FakeUpstream::start().await;
+    let cdn = FakeUpstream::start().await;
+    registry.set_auth(Auth::Bearer("alice".into(), "s3cret".into()));
+    let data = blob_data(300_000, 8);
+    let digest = cdn.add_blob(&data);
+    registry.redirect_blobs_to(Some(cdn.url()));
+    let creds = "    username: alice\n    password: s3cret\n";
+    let m = start_mirror(&one_upstream(&registry, creds), "5m").await;
+
+    let body = get(&format!("{}/v2/app/blobs/{digest}", m.base))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert!(body[..] == data[..]);
+    assert_eq!(
+        registry.count(&format!(
+            "GET /v2/library/app/blobs/{digest} [authorization]"
+        )),
+        1
+    );
+    assert_eq!(
+        cdn.log(),
+        vec![format!("GET /cdn/{digest}")],
+        "credentials leaked to the CDN host"
+    );
+    // The bytes landed in the cache: the next pull touches neither host.
+    get(&format!("{}/v2/app/blobs/{digest}", m.base))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(cdn.log().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_may_speak_http2_in_cleartext() {
+    let fake = FakeUpstream::start().await;
+    let d = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &image_manifest(&[]));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2
+        .get(format!("{}/v2/app/manifests/1", m.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
+}

@@ -49,6 +49,8 @@ struct State {
     faults: HashMap<String, Fault>,
     log: Vec<String>,
     auth: Auth,
+    /// Answer blob GETs with a 307 to `<base>/cdn/<digest>`, as Docker Hub does.
+    redirect_blobs_to: Option<String>,
     down: bool,
     chunk_delay: Duration,
 }
@@ -135,6 +137,10 @@ impl FakeUpstream {
         self.with(|s| s.auth = auth);
     }
 
+    pub fn redirect_blobs_to(&self, base: Option<String>) {
+        self.with(|s| s.redirect_blobs_to = base);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.with(|s| s.down = down);
     }
@@ -156,15 +162,28 @@ impl FakeUpstream {
     fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let (auth, down, delay) = self.with(|s| {
-            s.log.push(format!("{method} {path}"));
-            (s.auth.clone(), s.down, s.chunk_delay)
+        let authorized = if req.headers().contains_key("authorization") {
+            " [authorization]"
+        } else {
+            ""
+        };
+        let (auth, down, delay, redirect) = self.with(|s| {
+            s.log.push(format!("{method} {path}{authorized}"));
+            (
+                s.auth.clone(),
+                s.down,
+                s.chunk_delay,
+                s.redirect_blobs_to.clone(),
+            )
         });
         if down {
             return text(StatusCode::SERVICE_UNAVAILABLE, "down");
         }
         if path == "/token" {
             return self.token(&req, &auth);
+        }
+        if let Some(digest) = path.strip_prefix("/cdn/") {
+            return self.blob(digest, method == hyper::Method::HEAD, delay);
         }
         if let Some(challenge) = self.challenge(&req, &auth, &path) {
             return challenge;
@@ -177,6 +196,12 @@ impl FakeUpstream {
             return self.manifest(repo, reference, head);
         }
         if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
+            if let Some(base) = redirect.filter(|_| !head) {
+                let mut resp = text(StatusCode::TEMPORARY_REDIRECT, "see CDN");
+                let location = format!("{base}/cdn/{digest}").parse().unwrap();
+                resp.headers_mut().insert("location", location);
+                return resp;
+            }
             return self.blob(digest, head, delay);
         }
         if let Some(repo) = rest.strip_suffix("/tags/list") {
