@@ -3,7 +3,7 @@
 //! At most one upstream fetch per digest runs at a time. It is a task of its own: it writes into a
 //! store ingest and publishes its progress on a watch channel. Every request for that digest reads
 //! the growing temp file through one shared read handle, up to the published byte count, and sleeps
-//! on the channel (no polling) when it has caught up. Commit or failure ends every reader: a reader
+//! on the channel (no polling) when it has caught up. Verification or failure ends every reader: a reader
 //! never sees bytes past what was written, and never sees a failed fill as complete.
 
 use std::collections::HashMap;
@@ -11,9 +11,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -25,6 +25,8 @@ use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 /// How much one read from disk hands to the client at most.
 const CHUNK: u64 = 256 * 1024;
+/// The most upstream bytes gathered into one disk write.
+const WRITE_BATCH: usize = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub enum FillState {
@@ -35,8 +37,9 @@ pub enum FillState {
         len: Option<u64>,
         written: u64,
     },
-    /// Verified and committed.
-    Done {
+    /// All `len` bytes are written and match the digest: readers may finish. (Persisting to the
+    /// store happens after this; a failure there loses the cache entry, never a client's bytes.)
+    Verified {
         len: u64,
     },
     Failed(UpstreamError),
@@ -137,22 +140,21 @@ impl Fills {
         async move {
             metrics.fills_in_flight.inc();
             let streamed = stream_into(ingest.as_mut(), fetch, &tx, &upstream, &metrics).await;
-            let outcome = match streamed {
-                Ok(()) => ingest
-                    .commit()
-                    .await
-                    .map_err(|e| commit_error(&upstream, e)),
-                Err(e) => Err(e),
-            };
-            inflight.lock().expect("fill lock").remove(&digest);
-            metrics.fills_in_flight.dec();
-            match outcome {
+            let verified =
+                streamed.and_then(|()| ingest.verify().map_err(|e| commit_error(&upstream, e)));
+            match verified {
                 Ok(len) => {
-                    info!(%digest, %upstream, bytes = len, "blob cached");
-                    metrics.record_usage(store.usage());
-                    tx.send_replace(FillState::Done { len });
+                    tx.send_replace(FillState::Verified { len });
+                    match ingest.commit().await {
+                        Ok(_) => {
+                            info!(%digest, %upstream, bytes = len, "blob cached");
+                            metrics.record_usage(store.usage());
+                        }
+                        Err(e) => warn!(%digest, error = %e, "blob served but not cached"),
+                    }
                 }
                 Err(err) => {
+                    drop(ingest);
                     if matches!(err.kind, UpstreamErrorKind::DigestMismatch { .. }) {
                         metrics
                             .digest_mismatches
@@ -163,6 +165,9 @@ impl Fills {
                     tx.send_replace(FillState::Failed(err));
                 }
             }
+            // Only now, with the object in the store (or given up), may a new fill start.
+            inflight.lock().expect("fill lock").remove(&digest);
+            metrics.fills_in_flight.dec();
         }
     }
 }
@@ -178,23 +183,43 @@ async fn stream_into(
     let len = content_length(resp.headers());
     tx.send_replace(FillState::Streaming { len, written: 0 });
     let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| body_error(upstream, &e))?;
-        let written = ingest.written() + chunk.len() as u64;
+    let mut batch = BytesMut::new();
+    let mut more = true;
+    while more {
+        match body.next().await {
+            Some(chunk) => batch.extend_from_slice(&chunk.map_err(|e| body_error(upstream, &e))?),
+            None => break,
+        }
+        // Take whatever else has already arrived: a fast upstream costs one disk write per
+        // batch, while a slow one still reaches readers chunk by chunk.
+        while batch.len() < WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(chunk)) => {
+                    batch.extend_from_slice(&chunk.map_err(|e| body_error(upstream, &e))?)
+                }
+                Some(None) => {
+                    more = false;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let written = ingest.written() + batch.len() as u64;
         if len.is_some_and(|len| written > len) {
             return Err(UpstreamError::new(
                 upstream,
                 UpstreamErrorKind::Body(format!("sent more than its Content-Length {len:?}")),
             ));
         }
-        ingest
-            .write(&chunk)
-            .await
-            .map_err(|e| UpstreamError::new(upstream, UpstreamErrorKind::Store(e.to_string())))?;
+        let bytes = batch.split().freeze();
         metrics
             .upstream_bytes
             .with_label_values(&[upstream])
-            .inc_by(chunk.len() as u64);
+            .inc_by(bytes.len() as u64);
+        ingest
+            .write(bytes)
+            .await
+            .map_err(|e| UpstreamError::new(upstream, UpstreamErrorKind::Store(e.to_string())))?;
         tx.send_modify(|state| {
             if let FillState::Streaming { written: w, .. } = state {
                 *w = written;
@@ -241,7 +266,7 @@ pub async fn wait_started(
         match state {
             FillState::Starting => {}
             FillState::Streaming { len, .. } => return Ok(len),
-            FillState::Done { len } => return Ok(Some(len)),
+            FillState::Verified { len } => return Ok(Some(len)),
             FillState::Failed(err) => return Err(err),
         }
         if progress.changed().await.is_err() {
@@ -330,7 +355,7 @@ impl BlobBody {
                 let verified_part = len.map_or(written, |len| len.saturating_sub(1));
                 Ok(written.min(verified_part))
             }
-            FillState::Done { len } => {
+            FillState::Verified { len } => {
                 self.end.get_or_insert(len);
                 Ok(len)
             }
@@ -401,7 +426,7 @@ mod tests {
         });
         assert_eq!(&body.next_chunk().await.unwrap().unwrap()[..], b"0123");
         assert!(pending(&mut body).await, "read past what was written");
-        tx.send_replace(FillState::Done { len: 10 });
+        tx.send_replace(FillState::Verified { len: 10 });
         assert_eq!(&body.next_chunk().await.unwrap().unwrap()[..], b"456789");
         assert!(body.next_chunk().await.unwrap().is_none());
     }
@@ -417,7 +442,7 @@ mod tests {
         let mut body = BlobBody::filling(Arc::new(file), rx, 0, None);
         assert_eq!(&body.next_chunk().await.unwrap().unwrap()[..], b"abc");
         assert!(pending(&mut body).await);
-        tx.send_replace(FillState::Done { len: 3 });
+        tx.send_replace(FillState::Verified { len: 3 });
         assert!(body.next_chunk().await.unwrap().is_none());
     }
 }

@@ -381,7 +381,7 @@ impl Mirror {
                 actual: digest.to_string(),
             });
         }
-        match self.store.put(&digest, &body).await {
+        match self.store.put(&digest, body.clone()).await {
             Ok(()) => self.metrics.record_usage(self.store.usage()),
             Err(e) => {
                 warn!(%digest, error = %e, "could not write manifest to the cache; serving it anyway")

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use moka::sync::Cache;
 use tracing::{info, warn};
 
@@ -145,7 +146,7 @@ impl BlobStore for DiskStore {
             tmp_path,
             final_path: self.object_path(digest),
             file: Some(Arc::new(file)),
-            verifier: DigestVerifier::new(),
+            verifier: Some(DigestVerifier::new()),
             written: 0,
             committed: false,
             index: self.index.clone(),
@@ -164,7 +165,8 @@ struct DiskIngest {
     tmp_path: PathBuf,
     final_path: PathBuf,
     file: Option<Arc<File>>,
-    verifier: DigestVerifier,
+    /// `None` once verified.
+    verifier: Option<DigestVerifier>,
     written: u64,
     committed: bool,
     index: Cache<Digest, u64>,
@@ -185,16 +187,20 @@ impl Ingest for DiskIngest {
         File::open(&self.tmp_path)
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.verifier.update(bytes);
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let verifier = self
+            .verifier
+            .as_mut()
+            .ok_or_else(|| io::Error::other("write after verify"))?;
+        verifier.update(&bytes);
         let file = self.file()?;
         let offset = self.written;
-        let owned = bytes.to_vec();
+        let len = bytes.len() as u64;
         // Positioned writes on a blocking thread: a slow disk must not stall the runtime.
-        tokio::task::spawn_blocking(move || file.write_all_at(&owned, offset))
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
             .await
             .map_err(io::Error::other)??;
-        self.written += bytes.len() as u64;
+        self.written += len;
         Ok(())
     }
 
@@ -202,13 +208,22 @@ impl Ingest for DiskIngest {
         self.written
     }
 
+    fn verify(&mut self) -> Result<u64, StoreError> {
+        if let Some(verifier) = self.verifier.take() {
+            let actual = verifier.finish();
+            if actual != self.digest {
+                return Err(StoreError::DigestMismatch {
+                    expected: self.digest.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(self.written)
+    }
+
     async fn commit(mut self: Box<Self>) -> Result<u64, StoreError> {
-        let actual = std::mem::replace(&mut self.verifier, DigestVerifier::new()).finish();
-        if actual != self.digest {
-            return Err(StoreError::DigestMismatch {
-                expected: self.digest.clone(),
-                actual,
-            });
+        if self.verifier.is_some() {
+            return Err(io::Error::other("commit before verify").into());
         }
         let file = self.file.take().expect("commit runs once");
         let (tmp, dest) = (self.tmp_path.clone(), self.final_path.clone());
@@ -260,7 +275,7 @@ mod tests {
         let data = b"hello layer".to_vec();
         let digest = Digest::of(&data);
         assert!(store.open(&digest).await.unwrap().is_none());
-        store.put(&digest, &data).await.unwrap();
+        store.put(&digest, data.clone().into()).await.unwrap();
         let obj = store.open(&digest).await.unwrap().unwrap();
         assert_eq!(obj.len, data.len() as u64);
         assert_eq!(read_all(obj.file), data);
@@ -272,7 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path()).unwrap();
         let digest = Digest::of(b"expected");
-        let err = store.put(&digest, b"something else").await.unwrap_err();
+        let err = store
+            .put(&digest, Bytes::from_static(b"something else"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }));
         assert!(store.open(&digest).await.unwrap().is_none());
         assert!(!store.path_of(&digest).exists());
@@ -286,11 +304,12 @@ mod tests {
         let digest = Digest::of(b"abcdef");
         let mut ingest = store.ingest(&digest).unwrap();
         let reader = ingest.reader().unwrap();
-        ingest.write(b"abc").await.unwrap();
+        ingest.write(Bytes::from_static(b"abc")).await.unwrap();
         let mut buf = [0u8; 3];
         reader.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abc");
-        ingest.write(b"def").await.unwrap();
+        ingest.write(Bytes::from_static(b"def")).await.unwrap();
+        ingest.verify().unwrap();
         ingest.commit().await.unwrap();
         reader.read_exact_at(&mut buf, 3).unwrap();
         assert_eq!(&buf, b"def");
@@ -302,7 +321,10 @@ mod tests {
         let digest = Digest::of(b"kept");
         {
             let store = DiskStore::open(dir.path()).unwrap();
-            store.put(&digest, b"kept").await.unwrap();
+            store
+                .put(&digest, Bytes::from_static(b"kept"))
+                .await
+                .unwrap();
             let abandoned = store.ingest(&Digest::of(b"lost")).unwrap();
             std::mem::forget(abandoned); // as if the process died mid-fill
         }

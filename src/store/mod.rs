@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::oci::Digest;
 
@@ -43,9 +44,10 @@ pub trait BlobStore: Send + Sync + 'static {
     fn ingest(&self, digest: &Digest) -> Result<Box<dyn Ingest>, StoreError>;
 
     /// Store a complete in-memory object (manifests), verified like any ingest.
-    async fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), StoreError> {
         let mut ingest = self.ingest(digest)?;
         ingest.write(bytes).await?;
+        ingest.verify()?;
         ingest.commit().await.map(|_| ())
     }
 
@@ -61,11 +63,15 @@ pub trait Ingest: Send {
     fn reader(&self) -> io::Result<File>;
 
     /// Append bytes. They are readable through [`Ingest::reader`] handles once this returns.
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError>;
 
     /// Bytes written so far.
     fn written(&self) -> u64;
 
-    /// Flush to stable storage, verify the digest and make the object visible.
+    /// Check everything written against the digest; no more writes after this. Separate from
+    /// [`Ingest::commit`] so readers can be told the bytes are right before they are durable.
+    fn verify(&mut self) -> Result<u64, StoreError>;
+
+    /// Flush to stable storage and make the verified object visible.
     async fn commit(self: Box<Self>) -> Result<u64, StoreError>;
 }
