@@ -63,7 +63,9 @@ impl ApiError {
             NameInvalid(_) | DigestInvalid(_) | TagInvalid(_) => StatusCode::BAD_REQUEST,
             Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             RangeNotSatisfiable(..) => StatusCode::RANGE_NOT_SATISFIABLE,
-            Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            // The upstream refused *our* credentials: nothing the client can fix, and a 401
+            // would need a challenge for credentials dockside does not take.
+            Unauthorized { .. } => StatusCode::BAD_GATEWAY,
             Denied { .. } => StatusCode::FORBIDDEN,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ManifestTooLarge { .. } | DigestMismatch { .. } | UpstreamUnavailable { .. } => {
@@ -129,7 +131,10 @@ impl ApiError {
         let upstream = err.upstream.to_string();
         let message = err.kind.to_string();
         match &err.kind {
+            // Any other 4xx is the upstream's definite answer about this object (e.g. no
+            // manifest of a type the client accepts), not an outage.
             UpstreamErrorKind::NotFound => not_found,
+            UpstreamErrorKind::Status(code) if (400..500).contains(code) => not_found,
             UpstreamErrorKind::Unauthorized(_) => ApiError::Unauthorized { upstream, message },
             UpstreamErrorKind::Denied(_) => ApiError::Denied { upstream, message },
             UpstreamErrorKind::TooManyRequests { retry_after } => ApiError::TooManyRequests {
@@ -193,6 +198,29 @@ mod tests {
         let err = ApiError::from(RouteError::MethodNotAllowed("PUT".into()));
         assert_eq!(err.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(err.code(), "UNSUPPORTED");
+    }
+
+    fn upstream(kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError::new(&std::sync::Arc::from("docker.io"), kind)
+    }
+
+    #[test]
+    fn upstream_4xx_is_a_definite_answer_and_5xx_an_outage() {
+        let unknown = || ApiError::NotFound("x".into());
+        let err = ApiError::from_upstream(&upstream(UpstreamErrorKind::Status(400)), unknown());
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        let err = ApiError::from_upstream(&upstream(UpstreamErrorKind::Status(503)), unknown());
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(err.code(), "UNAVAILABLE");
+        assert!(err.to_string().contains("docker.io"));
+    }
+
+    #[test]
+    fn refused_upstream_credentials_are_a_gateway_error_not_a_challenge() {
+        let kind = UpstreamErrorKind::Unauthorized("bad password".into());
+        let err = ApiError::from_upstream(&upstream(kind), ApiError::NotFound("x".into()));
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(err.code(), "UNAUTHORIZED");
     }
 
     #[test]

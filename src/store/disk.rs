@@ -244,7 +244,11 @@ fn publish(file: &File, tmp: &Path, dest: &Path) -> io::Result<()> {
     (&*file).flush()?;
     file.sync_all()?;
     let dir = dest.parent().expect("object paths have a shard directory");
-    fs::create_dir_all(dir)?;
+    // Only the shard: if the cache root itself is gone, fail rather than recreate it.
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
     fs::rename(tmp, dest)?;
     File::open(dir)?.sync_all()
 }

@@ -1,0 +1,29 @@
+//! End-to-end tests: the real `dockside` binary between Debian's docker-registry (the upstream)
+//! and real clients (skopeo, reqwest, containerd, podman, dockerd). See tests/README.md.
+
+#[path = "e2e/support/mod.rs"]
+mod support;
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+#[path = "e2e/pull.rs"]
+mod pull;
+
+#[path = "e2e/cache.rs"]
+mod cache;
+
+#[path = "e2e/routing.rs"]
+mod routing;
+
+#[path = "e2e/errors.rs"]
+mod errors;
+
+#[path = "e2e/real_clients.rs"]
+mod real_clients;
+
+#[path = "e2e/measure.rs"]
+mod measure;
+
+#[path = "e2e/robustness.rs"]
+mod robustness;

@@ -1,0 +1,275 @@
+//! Errors a client sees (OCI error JSON), `check-config`, the admin listener and shutdown.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::dockside::{BIN, Config, Dockside, Upstream};
+use crate::support::image::{Format, Image};
+use crate::support::registry::{Auth, Registry};
+use crate::support::skopeo::run;
+use crate::support::{digest_of, http, skopeo, wait_for};
+
+fn assert_oci_error(r: &http::Resp, status: u16, code: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}: status (body {})", r.snippet());
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some(code),
+        "{what}: error code in {}",
+        r.snippet()
+    );
+    let ct = r.header("content-type").unwrap_or_default();
+    assert!(ct.contains("json"), "{what}: Content-Type {ct:?}");
+}
+
+#[test]
+fn write_methods_are_405_unsupported() {
+    let reg = Registry::start(Auth::None);
+    let d = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    let zero = format!("sha256:{}", "0".repeat(64));
+    let before = reg.access_log();
+    for (method, path) in [
+        ("PUT", "/v2/library/x/manifests/v1".to_string()),
+        ("POST", "/v2/library/x/blobs/uploads/".to_string()),
+        (
+            "PATCH",
+            "/v2/library/x/blobs/uploads/some-upload".to_string(),
+        ),
+        (
+            "PUT",
+            format!("/v2/library/x/blobs/uploads/some-upload?digest={zero}"),
+        ),
+        ("DELETE", format!("/v2/library/x/manifests/{zero}")),
+        ("DELETE", format!("/v2/library/x/blobs/{zero}")),
+        ("POST", "/v2/x/blobs/uploads/?ns=docker.io".to_string()),
+        ("OPTIONS", "/v2/library/x/manifests/v1".to_string()),
+    ] {
+        let r = http::request(
+            method,
+            &format!("{}{path}", d.url()),
+            &[],
+            Some(b"{}".to_vec()),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_oci_error(&r, 405, "UNSUPPORTED", &format!("{method} {path}"));
+    }
+    assert_eq!(
+        reg.access_log()[before.len()..].to_vec(),
+        vec![],
+        "write requests reached the upstream"
+    );
+}
+
+#[test]
+fn malformed_and_unknown_references_get_oci_errors() {
+    let reg = Registry::start(Auth::None);
+    let img = Image::generate(700, &[5_000], Format::Oci);
+    skopeo::push(&reg, "library/x", "v1", &img);
+    let d = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    let get = |path: &str| http::get_manifest(&format!("{}{path}", d.url()));
+
+    // Malformed: answered by dockside itself, never proxied.
+    let before = reg.access_log();
+    let upper = format!("sha256:{}", "A".repeat(64));
+    for path in [
+        "/v2/library/x/blobs/sha256:zzzz".to_string(),
+        "/v2/library/x/blobs/sha256:abc".to_string(),
+        "/v2/library/x/blobs/md5:d41d8cd98f00b204e9800998ecf8427e".to_string(),
+        format!("/v2/library/x/manifests/{upper}"),
+    ] {
+        assert_oci_error(&get(&path), 400, "DIGEST_INVALID", &path);
+    }
+    for path in [
+        "/v2/Library/Upper/manifests/v1",
+        "/v2/library/a..b/manifests/v1",
+        "/v2/library/-bad/manifests/v1",
+        "/v2/library//x/manifests/v1",
+    ] {
+        assert_oci_error(&get(path), 400, "NAME_INVALID", path);
+    }
+    // Dot segments and encoded slashes, sent verbatim (clients normalise them away): refused
+    // with an OCI error, never proxied, never a local file.
+    for path in [
+        "/v2/library/../x/manifests/v1",
+        "/v2/library/%2e%2e/x/manifests/v1",
+        "/v2/library%2fx/manifests/v1",
+        "/v2/library/x/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
+        "/v2/library/x/blobs/../../../../etc/passwd",
+    ] {
+        let (status, body) = http::raw_get(&d.host(), path);
+        assert!(
+            (400..500).contains(&status),
+            "{path}: want a 4xx, got {status} {body}"
+        );
+        assert!(
+            body.contains("\"errors\""),
+            "{path}: OCI error JSON: {body}"
+        );
+        assert!(!body.contains("root:"), "{path}: served a local file");
+    }
+    assert_eq!(
+        reg.access_log()[before.len()..].to_vec(),
+        vec![],
+        "malformed requests reached the upstream"
+    );
+
+    // Well-formed but unknown upstream: the upstream's answer as an OCI error.
+    assert_oci_error(
+        &get("/v2/library/nope/manifests/v1"),
+        404,
+        "MANIFEST_UNKNOWN",
+        "unknown repo",
+    );
+    assert_oci_error(
+        &get("/v2/library/x/manifests/nosuchtag"),
+        404,
+        "MANIFEST_UNKNOWN",
+        "unknown tag",
+    );
+    let absent = digest_of(b"no such manifest");
+    assert_oci_error(
+        &get(&format!("/v2/library/x/manifests/{absent}")),
+        404,
+        "MANIFEST_UNKNOWN",
+        "unknown manifest digest",
+    );
+    let absent = digest_of(b"no such blob");
+    let r = http::get(&format!("{}/v2/library/x/blobs/{absent}", d.url())).unwrap();
+    assert_oci_error(&r, 404, "BLOB_UNKNOWN", "unknown blob");
+    // HEAD of an unknown blob: 404 without a body.
+    let r = http::request(
+        "HEAD",
+        &format!("{}/v2/library/x/blobs/{absent}", d.url()),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "HEAD unknown blob");
+    // And the known ones still work after all that.
+    let r = get("/v2/library/x/manifests/v1");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, img.manifest.data);
+}
+
+#[test]
+fn check_config_accepts_valid_and_names_bad_keys_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream {
+        name: "docker.io".into(),
+        url: "http://127.0.0.1:9".into(),
+        ..Default::default()
+    };
+    let good = Config::new(vec![up]).yaml(5000, 5001, &dir.path().join("cache"));
+    let check = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check-config").arg("--config").arg(&path);
+        (run(cmd, Duration::from_secs(30)), path)
+    };
+
+    let (out, _) = check("good.yaml", &good);
+    assert!(out.success(), "valid config rejected: {}", out.stderr);
+
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "unknown-key.yaml",
+            format!("{good}bogus_key: 1\n"),
+            vec!["bogus_key"],
+        ),
+        (
+            "bad-ttl.yaml",
+            good.replace("tag_ttl: 5m", "tag_ttl: banana"),
+            vec!["tag_ttl", "banana"],
+        ),
+        (
+            "bad-size.yaml",
+            good.replace("max_size: 10GiB", "max_size: lots"),
+            vec!["max_size", "lots"],
+        ),
+        (
+            "upstream-key.yaml",
+            good.replace("    url:", "    colour: blue\n    url:"),
+            vec!["colour"],
+        ),
+        (
+            "bad-default.yaml",
+            good.replace(
+                "default_upstream: \"docker.io\"",
+                "default_upstream: \"nowhere.example\"",
+            ),
+            vec!["default_upstream", "nowhere.example"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        assert_ne!(text, good, "{name}: the test edit did not apply");
+        let (out, path) = check(name, &text);
+        assert!(
+            !out.success() && !out.timed_out(),
+            "{name}: accepted a bad config"
+        );
+        let msg = &out.stderr;
+        for n in &needles {
+            assert!(msg.contains(n), "{name}: message should name {n:?}: {msg}");
+        }
+        assert!(
+            msg.contains(&*path.to_string_lossy()) || msg.contains(name),
+            "{name}: names the file: {msg}"
+        );
+    }
+
+    // `serve` refuses a bad config too, at once.
+    let path = dir.path().join("bad-ttl.yaml");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").arg("--config").arg(&path);
+    let out = run(cmd, Duration::from_secs(30));
+    assert!(
+        !out.success() && !out.timed_out(),
+        "serve accepted a bad config"
+    );
+    assert!(
+        out.stderr.contains("tag_ttl"),
+        "serve names the key: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn admin_endpoints_and_prompt_sigint_shutdown() {
+    let reg = Registry::start(Auth::None);
+    let img = Image::generate(710, &[5_000], Format::Oci);
+    skopeo::push(&reg, "library/adm", "v1", &img);
+    let mut d = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    let r = http::get_manifest(&format!("{}/v2/library/adm/manifests/v1", d.url()));
+    assert_eq!(r.status, 200);
+
+    for path in ["/healthz", "/readyz"] {
+        let r = http::get(&format!("{}{path}", d.admin_url())).unwrap();
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let m = http::get(&format!("{}/metrics", d.admin_url())).unwrap();
+    assert_eq!(m.status, 200, "/metrics");
+    assert!(
+        m.text().contains("dockside_"),
+        "metrics carry dockside_ names:\n{}",
+        m.snippet()
+    );
+    // The registry API is not on the admin port.
+    let r = http::get(&format!("{}/v2/library/adm/manifests/v1", d.admin_url())).unwrap();
+    assert_ne!(r.status, 200, "registry API served on the admin listener");
+
+    // SIGINT: exits promptly (grace_period is 1s) and cleanly, and the port closes.
+    let t = Instant::now();
+    let (status, in_time) = d.stop();
+    let took = t.elapsed();
+    assert!(in_time, "dockside did not exit within 20s of SIGINT");
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGINT shutdown took {took:?}"
+    );
+    assert!(status.success(), "exit status after SIGINT: {status}");
+    wait_for("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", d.port))
+            .is_err()
+            .then_some(())
+    });
+}

@@ -1,0 +1,268 @@
+//! Bad days: a corrupt or truncated upstream answer, a client that hangs up mid-download, a
+//! restart, and the cache's size cap.
+
+use std::time::{Duration, Instant};
+
+use crate::support::dockside::{Config, Dockside, Upstream};
+use crate::support::fake::{FakeUpstream, Mode};
+use crate::support::image::{Format, Image, random_bytes};
+use crate::support::registry::{Auth, Registry, count};
+use crate::support::{digest_of, http, skopeo};
+
+fn fake_hub(fake: &FakeUpstream) -> Upstream {
+    Upstream {
+        name: "docker.io".into(),
+        url: fake.url(),
+        ..Default::default()
+    }
+}
+
+/// The one outcome a client must never get: a clean, complete 200 whose bytes are not the blob.
+fn assert_not_silently_wrong(what: &str, outcome: &(u16, Result<Vec<u8>, String>), digest: &str) {
+    if let (200, Ok(body)) = outcome {
+        assert_eq!(
+            digest_of(body),
+            digest,
+            "{what}: a complete 200 with the wrong bytes ({} bytes)",
+            body.len()
+        );
+    }
+}
+
+#[test]
+fn corrupt_upstream_blob_is_never_served_or_cached() {
+    let data = random_bytes(1000, 4 << 20);
+    let digest = digest_of(&data);
+    let fake = FakeUpstream::start(&[&data], Mode::Corrupt);
+    let d = Dockside::start(&Config::new(vec![fake_hub(&fake)]));
+    let url = format!("{}/v2/library/x/blobs/{digest}", d.url());
+
+    for i in 0..2 {
+        let got = http::get_outcome(&url);
+        assert_not_silently_wrong(&format!("corrupt upstream, GET {i}"), &got, &digest);
+        assert!(
+            got.0 != 200 || got.1.is_err(),
+            "corrupt upstream, GET {i}: want an error status or a cut body, got a full 200"
+        );
+    }
+    // Nothing bad was kept: once the upstream is honest the blob comes through right.
+    fake.set_mode(Mode::Honest);
+    let (status, body) = http::get_outcome(&url);
+    assert_eq!(status, 200);
+    assert_eq!(
+        digest_of(&body.expect("body")),
+        digest,
+        "blob after the upstream recovered"
+    );
+}
+
+#[test]
+fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
+    let data = random_bytes(1001, 4 << 20);
+    let digest = digest_of(&data);
+    let fake = FakeUpstream::start(&[&data], Mode::CutAfter(1 << 20));
+    let d = Dockside::start(&Config::new(vec![fake_hub(&fake)]));
+    let url = format!("{}/v2/library/x/blobs/{digest}", d.url());
+
+    let t = Instant::now();
+    let got = http::get_outcome(&url);
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "cut upstream: answered after {:?}",
+        t.elapsed()
+    );
+    assert_not_silently_wrong("upstream cut at 1 MiB", &got, &digest);
+    assert!(
+        got.0 != 200 || got.1.is_err(),
+        "upstream always cuts: the client must see the failure"
+    );
+
+    fake.set_mode(Mode::Honest);
+    let (status, body) = http::get_outcome(&url);
+    assert_eq!(status, 200);
+    assert_eq!(
+        digest_of(&body.expect("body")),
+        digest,
+        "blob after the upstream recovered"
+    );
+    eprintln!(
+        "truncated upstream: first client got {} / {}; upstream GETs (Range): {:?}",
+        got.0,
+        got.1
+            .as_ref()
+            .map(|b| format!("{} bytes", b.len()))
+            .unwrap_or_else(|e| e.clone()),
+        fake.blob_gets(&digest)
+    );
+}
+
+#[test]
+fn client_hanging_up_mid_cold_blob_leaves_the_cache_right() {
+    let reg = Registry::start(Auth::None);
+    let size = 48 << 20;
+    let data = random_bytes(1002, size);
+    let digest = reg.push_blob("library/abort", &data);
+    let d = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    let url = format!("{}/v2/library/abort/blobs/{digest}", d.url());
+
+    // Read 1 MiB of the cold blob, then drop the connection.
+    http::block_on(async {
+        let mut resp = http::client().get(&url).send().await.expect("GET");
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut n = 0;
+        while n < 1 << 20 {
+            n += resp.chunk().await.expect("chunk").expect("more body").len();
+        }
+    });
+    let (status, body) = http::get_outcome(&url);
+    assert_eq!(status, 200, "GET after another client hung up");
+    let body = body.expect("body");
+    assert_eq!(body.len(), size);
+    assert_eq!(
+        digest_of(&body),
+        digest,
+        "bytes after another client hung up"
+    );
+    // And once more from the cache.
+    let (status, body) = http::get_outcome(&url);
+    assert_eq!(status, 200);
+    assert_eq!(digest_of(&body.expect("body")), digest);
+    let gets = count(
+        &reg.access_log(),
+        "GET",
+        &format!("/v2/library/abort/blobs/{digest}"),
+    );
+    assert!((1..=2).contains(&gets), "upstream GETs of the blob: {gets}");
+}
+
+#[test]
+fn restart_serves_cached_content_with_the_upstream_gone() {
+    let mut reg = Registry::start(Auth::None);
+    let img = Image::generate(1003, &[200_000, 30_000], Format::Oci);
+    skopeo::push(&reg, "library/persist", "v1", &img);
+    let cfg = Config::new(vec![Upstream::hub(&reg)]);
+    let d = Dockside::start(&cfg);
+    let out = tempfile::tempdir().unwrap();
+    skopeo::pull(
+        &format!("{}/library/persist:v1", d.host()),
+        &format!("oci:{}:x", out.path().display()),
+        &[],
+    )
+    .assert_ok();
+    let dir = d.into_dir();
+    reg.kill();
+
+    let d = Dockside::start_in(&cfg, dir);
+    let r = http::get_manifest(&format!(
+        "{}/v2/library/persist/manifests/{}",
+        d.url(),
+        img.manifest.digest
+    ));
+    assert_eq!(
+        r.status,
+        200,
+        "manifest by digest after restart: {}",
+        r.snippet()
+    );
+    assert_eq!(r.body, img.manifest.data);
+    for b in img.blobs() {
+        let r = http::get(&format!(
+            "{}/v2/library/persist/blobs/{}",
+            d.url(),
+            b.digest
+        ))
+        .unwrap();
+        assert_eq!(r.status, 200, "blob {} after restart", b.digest);
+        assert_eq!(r.body, b.data, "blob {} after restart", b.digest);
+    }
+    let out = tempfile::tempdir().unwrap();
+    skopeo::pull(
+        &format!("{}/library/persist@{}", d.host(), img.manifest.digest),
+        &format!("oci:{}:x", out.path().display()),
+        &[],
+    )
+    .assert_ok();
+    skopeo::assert_layout_has_image(out.path(), &skopeo::layout_top(out.path()), &img, true);
+    // By tag is not asserted (tags may live in memory only); reported for the notes.
+    let r = http::get_manifest(&format!("{}/v2/library/persist/manifests/v1", d.url()));
+    eprintln!(
+        "after restart with the upstream gone, the tag answers {}",
+        r.status
+    );
+}
+
+/// Bytes of regular files under `dir`.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                total += disk_usage(&e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+#[ignore = "size-bounded LRU eviction is issue #3; run with --ignored once it lands"]
+fn cache_stays_within_max_size_evicting_least_recently_used() {
+    let reg = Registry::start(Auth::None);
+    let blob = 1 << 20;
+    let blobs: Vec<Vec<u8>> = (0..6).map(|i| random_bytes(1100 + i, blob)).collect();
+    let digests: Vec<String> = blobs
+        .iter()
+        .map(|b| reg.push_blob("library/lru", b))
+        .collect();
+    let mut cfg = Config::new(vec![Upstream::hub(&reg)]);
+    cfg.max_size = "4MiB".into();
+    let d = Dockside::start(&cfg);
+    let url = |dg: &str| format!("{}/v2/library/lru/blobs/{dg}", d.url());
+
+    for (b, dg) in blobs.iter().zip(&digests) {
+        let r = http::get(&url(dg)).unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.body == *b, "blob {dg} bytes");
+    }
+    let cap = 4u64 << 20;
+    // Eviction may run in the background: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let used = loop {
+        let used = disk_usage(&d.cache_dir());
+        if used <= cap || Instant::now() > deadline {
+            break used;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        used <= cap,
+        "after 6 x 1 MiB blobs the cache holds {used} bytes on disk; max_size is {cap}"
+    );
+
+    // The newest blob is still cached, the oldest was evicted.
+    let before = reg.access_log();
+    let r = http::get(&url(&digests[5])).unwrap();
+    assert_eq!(r.status, 200);
+    let after = reg.access_log();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "most recently used blob was evicted"
+    );
+    let r = http::get(&url(&digests[0])).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == blobs[0], "evicted blob refetched right");
+    let lines = reg.access_log()[after.len()..].to_vec();
+    assert_eq!(
+        count(
+            &lines,
+            "GET",
+            &format!("/v2/library/lru/blobs/{}", digests[0])
+        ),
+        1,
+        "least recently used blob should have been evicted and refetched: {lines:?}"
+    );
+}

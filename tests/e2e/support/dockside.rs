@@ -1,0 +1,228 @@
+//! The real `dockside` binary: a generated config, `serve`, readiness, SIGINT on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::free_ports;
+use super::proc::Proc;
+use super::registry::{PASSWORD, Registry, USER, port_taken};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dockside");
+
+/// One `upstreams:` entry.
+#[derive(Clone, Debug, Default)]
+pub struct Upstream {
+    pub name: String,
+    pub url: String,
+    pub aliases: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tag_ttl: Option<String>,
+    /// `timeouts: { ... }` as flow YAML, e.g. `{ connect: 1s, first_byte: 2s, idle: 2s }`.
+    pub timeouts: Option<String>,
+}
+
+impl Upstream {
+    /// An upstream named `name` for `reg`, with its credentials if it needs any.
+    pub fn new(name: &str, reg: &Registry) -> Upstream {
+        let auth = reg.creds().is_some();
+        Upstream {
+            name: name.to_string(),
+            url: reg.url(),
+            username: auth.then(|| USER.to_string()),
+            password: auth.then(|| PASSWORD.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Docker Hub's usual aliases.
+    pub fn hub(reg: &Registry) -> Upstream {
+        Upstream {
+            aliases: vec!["index.docker.io".into(), "registry-1.docker.io".into()],
+            ..Upstream::new("docker.io", reg)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub upstreams: Vec<Upstream>,
+    pub default_upstream: Option<String>,
+    pub tag_ttl: String,
+    pub max_size: String,
+}
+
+impl Config {
+    pub fn new(upstreams: Vec<Upstream>) -> Config {
+        let default_upstream = upstreams.first().map(|u| u.name.clone());
+        Config {
+            upstreams,
+            default_upstream,
+            tag_ttl: "5m".into(),
+            max_size: "10GiB".into(),
+        }
+    }
+
+    pub fn tag_ttl(mut self, ttl: &str) -> Config {
+        self.tag_ttl = ttl.into();
+        self
+    }
+
+    pub fn default_upstream(mut self, name: Option<&str>) -> Config {
+        self.default_upstream = name.map(str::to_string);
+        self
+    }
+
+    /// The YAML text for the given ports and cache directory.
+    pub fn yaml(&self, port: u16, admin_port: u16, cache: &Path) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap();
+        let mut y = format!(
+            "listen: \"127.0.0.1:{port}\"\n\
+             admin_listen: \"127.0.0.1:{admin_port}\"\n\
+             grace_period: 1s\n\
+             cache:\n  dir: {}\n  max_size: {}\n  tag_ttl: {}\n\
+             upstreams:\n",
+            q(&cache.display().to_string()),
+            self.max_size,
+            self.tag_ttl
+        );
+        for u in &self.upstreams {
+            y += &format!("  - name: {}\n    url: {}\n", q(&u.name), q(&u.url));
+            if !u.aliases.is_empty() {
+                let a: Vec<String> = u.aliases.iter().map(|a| q(a)).collect();
+                y += &format!("    aliases: [{}]\n", a.join(", "));
+            }
+            if let Some(v) = &u.username {
+                y += &format!("    username: {}\n", q(v));
+            }
+            if let Some(v) = &u.password {
+                y += &format!("    password: {}\n", q(v));
+            }
+            if let Some(v) = &u.tag_ttl {
+                y += &format!("    tag_ttl: {v}\n");
+            }
+            if let Some(v) = &u.timeouts {
+                y += &format!("    timeouts: {v}\n");
+            }
+        }
+        if let Some(d) = &self.default_upstream {
+            y += &format!("default_upstream: {}\n", q(d));
+        }
+        y
+    }
+}
+
+pub struct Dockside {
+    pub port: u16,
+    pub admin_port: u16,
+    proc: Proc,
+    /// Config, log and cache; `None` only once handed on by [`Dockside::into_dir`].
+    dir: Option<TempDir>,
+}
+
+impl Dockside {
+    /// Starts `dockside serve` with `cfg` and waits until `/healthz` on the admin port and `/v2/`
+    /// on the listener answer.
+    pub fn start(cfg: &Config) -> Dockside {
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-dockside-")
+            .tempdir()
+            .expect("tempdir");
+        Dockside::start_in(cfg, dir)
+    }
+
+    /// Like [`Dockside::start`], in `dir` (its `cache/` may hold an earlier run's cache).
+    pub fn start_in(cfg: &Config, dir: TempDir) -> Dockside {
+        let runs = std::fs::read_dir(dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        for attempt in 1.. {
+            let [port, admin_port] = free_ports::<2>();
+            let cfg_path = dir.path().join("dockside.yaml");
+            std::fs::write(
+                &cfg_path,
+                cfg.yaml(port, admin_port, &dir.path().join("cache")),
+            )
+            .unwrap();
+            let mut cmd = Command::new(BIN);
+            cmd.arg("serve").arg("--config").arg(&cfg_path);
+            cmd.env("NO_COLOR", "1").env(
+                "RUST_LOG",
+                std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into()),
+            );
+            let mut proc = Proc::spawn(
+                "dockside",
+                cmd,
+                &dir.path().join(format!("dockside-{runs}-{attempt}.log")),
+                libc::SIGINT,
+                Duration::from_secs(20),
+            );
+            let health = format!("http://127.0.0.1:{admin_port}/healthz");
+            let v2 = format!("http://127.0.0.1:{port}/v2/");
+            let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
+            match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && ok(&v2)) {
+                Ok(()) => {
+                    return Dockside {
+                        port,
+                        admin_port,
+                        proc,
+                        dir: Some(dir),
+                    };
+                }
+                Err(log) if attempt < 3 && port_taken(&log) => continue,
+                Err(log) => panic!("dockside exited early; log:\n{}", super::tail(&log, 40)),
+            }
+        }
+        unreachable!()
+    }
+
+    /// `127.0.0.1:PORT` of the registry listener.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// The cache directory (`cache.dir`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.as_ref().expect("dir").path().join("cache")
+    }
+
+    /// Stops dockside (SIGINT) and hands over its directory, cache included, for a restart.
+    pub fn into_dir(mut self) -> TempDir {
+        let (status, in_time) = self.stop();
+        assert!(in_time, "dockside did not stop on SIGINT");
+        assert!(status.success(), "dockside exit status {status}");
+        self.dir.take().expect("dir")
+    }
+
+    /// SIGINT, then wait (up to 20 s). Returns the status and whether it exited in time.
+    pub fn stop(&mut self) -> (ExitStatus, bool) {
+        self.proc.stop()
+    }
+}
+
+impl Drop for Dockside {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- dockside {} log tail ---\n{}",
+                self.host(),
+                super::tail(&self.log(), 40)
+            );
+        }
+    }
+}

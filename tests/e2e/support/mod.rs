@@ -1,0 +1,70 @@
+//! Shared harness for the end-to-end tests: processes, the upstream registry, a token server,
+//! deterministic test images, the dockside binary and the real clients.
+
+pub mod clients;
+pub mod dockside;
+pub mod fake;
+pub mod http;
+pub mod image;
+pub mod proc;
+pub mod registry;
+pub mod serial;
+pub mod skopeo;
+pub mod token;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// A loopback port that was free a moment ago (bound to port 0, read, dropped).
+pub fn free_port() -> u16 {
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct loopback ports that were free a moment ago (all held while choosing).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local_addr").port())
+}
+
+/// Polls `f` until it returns `Some`, or panics naming `what` once `timeout` has passed.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn digest_of(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Reads a file that may not exist yet (then empty).
+pub fn read_lossy(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// A unique-enough token for log barriers and names.
+pub fn nonce() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
