@@ -231,37 +231,34 @@ impl Mirror {
                         .await
                 }
             }
-            Target::TagsList { .. } => {
-                let not_found = ApiError::NameUnknown(format!(
-                    "repository {name} is not known to {}",
-                    upstream.name
-                ));
-                self.passthrough(
-                    &upstream,
-                    &name,
-                    "tags/list",
-                    route.query.as_deref(),
-                    None,
-                    not_found,
-                )
-                .await
-            }
-            Target::Referrers { digest, .. } => {
-                let not_found = ApiError::ManifestUnknown {
-                    name: name.to_string(),
-                    reference: digest.to_string(),
+            Target::TagsList { name: asked } => {
+                let call = Passthrough {
+                    suffix: "tags/list".to_string(),
+                    query: route.query.as_deref(),
+                    accept: None,
+                    asked,
+                    not_found: ApiError::NameUnknown(format!(
+                        "repository {name} is not known to {}",
+                        upstream.name
+                    )),
                 };
-                let accept = req.accept.first().map(String::as_str);
-                let suffix = format!("referrers/{digest}");
-                self.passthrough(
-                    &upstream,
-                    &name,
-                    &suffix,
-                    route.query.as_deref(),
-                    accept,
-                    not_found,
-                )
-                .await
+                self.passthrough(&upstream, &name, call).await
+            }
+            Target::Referrers {
+                name: asked,
+                digest,
+            } => {
+                let call = Passthrough {
+                    suffix: format!("referrers/{digest}"),
+                    query: route.query.as_deref(),
+                    accept: req.accept.first().map(String::as_str),
+                    asked,
+                    not_found: ApiError::ManifestUnknown {
+                        name: name.to_string(),
+                        reference: digest.to_string(),
+                    },
+                };
+                self.passthrough(&upstream, &name, call).await
             }
             Target::Ping => unreachable!("answered above"),
         };
@@ -599,27 +596,48 @@ impl Mirror {
         &self,
         upstream: &Upstream,
         name: &RepoName,
-        suffix: &str,
-        query: Option<&str>,
-        accept: Option<&str>,
-        not_found: ApiError,
+        call: Passthrough<'_>,
     ) -> Result<ApiResponse, ApiError> {
         let resp = upstream
-            .passthrough(name, suffix, query, accept)
+            .passthrough(name, &call.suffix, call.query, call.accept)
             .await
-            .map_err(|e| ApiError::from_upstream(&e, not_found.clone()))?;
+            .map_err(|e| ApiError::from_upstream(&e, call.not_found.clone()))?;
         let mut out = ApiResponse::new(resp.status(), Outcome::Pass);
         for header in ["content-type", "link", "oci-filters-applied"] {
             if let Some(value) = header_str(&resp, header) {
+                let value = match header {
+                    "link" => rewrite_link(&value, name, call.asked),
+                    _ => value,
+                };
                 out.headers.push((canonical(header), value));
             }
         }
         let body = read_limited(resp, PASSTHROUGH_LIMIT, &upstream.name)
             .await
-            .map_err(|e| ApiError::from_upstream(&e, not_found))?;
+            .map_err(|e| ApiError::from_upstream(&e, call.not_found))?;
         out.headers.push(("Content-Length", body.len().to_string()));
         out.body = Body::Full(body);
         Ok(out)
+    }
+}
+
+/// An API call passed through to the upstream as it is (tag lists, referrers).
+struct Passthrough<'a> {
+    suffix: String,
+    query: Option<&'a str>,
+    accept: Option<&'a str>,
+    /// The repository name as the client wrote it (with any upstream prefix).
+    asked: &'a RepoName,
+    not_found: ApiError,
+}
+
+/// A pagination `Link` names the upstream's repository path; point it at the name the client
+/// used, so a client that came through a path prefix stays on the same upstream.
+fn rewrite_link(link: &str, upstream_name: &RepoName, asked: &RepoName) -> String {
+    let theirs = format!("</v2/{upstream_name}/");
+    match link.strip_prefix(&theirs) {
+        Some(rest) => format!("</v2/{asked}/{rest}"),
+        None => link.to_string(),
     }
 }
 
@@ -793,6 +811,19 @@ mod tests {
             end: Some(end),
             partial: true,
         }
+    }
+
+    #[test]
+    fn pagination_links_keep_the_clients_prefix() {
+        let upstream = RepoName::parse("owner/app").unwrap();
+        let asked = RepoName::parse("ghcr.io/owner/app").unwrap();
+        let link = r#"</v2/owner/app/tags/list?last=v9&n=10>; rel="next""#;
+        assert_eq!(
+            rewrite_link(link, &upstream, &asked),
+            r#"</v2/ghcr.io/owner/app/tags/list?last=v9&n=10>; rel="next""#
+        );
+        let elsewhere = r#"<https://other/x>; rel="next""#;
+        assert_eq!(rewrite_link(elsewhere, &upstream, &asked), elsewhere);
     }
 
     #[test]
