@@ -91,6 +91,8 @@ pub struct ApiResponse {
     pub upstream: Option<Arc<str>>,
     pub kind: &'static str,
     pub outcome: Outcome,
+    /// For error answers: why, for the request log.
+    pub error: Option<String>,
 }
 
 impl ApiResponse {
@@ -104,6 +106,7 @@ impl ApiResponse {
             upstream: None,
             kind: "invalid",
             outcome: Outcome::Error,
+            error: Some(err.to_string()),
         }
     }
 
@@ -115,6 +118,7 @@ impl ApiResponse {
             upstream: None,
             kind: "invalid",
             outcome,
+            error: None,
         }
     }
 }

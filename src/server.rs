@@ -13,7 +13,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::AdminApp;
 use crate::config::Config;
@@ -40,21 +40,24 @@ impl ProxyHttp for RegistryService {
         let request = api_request(session.req_header());
         let response = self.mirror.handle(&request).await;
         let status = response.status;
-        let (upstream, kind, outcome) =
-            (response.upstream.clone(), response.kind, response.outcome);
+        let (upstream, kind, outcome, error) = (
+            response.upstream.clone(),
+            response.kind,
+            response.outcome,
+            response.error.clone(),
+        );
         let sent = write_response(session, response, self.mirror.metrics()).await;
         let upstream = upstream.as_deref().unwrap_or("-");
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        match &sent {
-            Ok(bytes) => info!(
-                method = %request.method, path = %request.path, status = status.as_u16(),
-                upstream, kind, outcome = outcome.as_str(), bytes, elapsed_ms, "request"
-            ),
-            Err(e) => tracing::warn!(
-                method = %request.method, path = %request.path, status = status.as_u16(),
-                upstream, kind, outcome = outcome.as_str(), error = %e, elapsed_ms,
-                "response aborted"
-            ),
+        let (method, path, status) = (&request.method, &request.path, status.as_u16());
+        let outcome = outcome.as_str();
+        match (&sent, error) {
+            (Err(e), _) => warn!(%method, path, status, upstream, kind, outcome, error = %e,
+                                 elapsed_ms, "response aborted"),
+            (Ok(_), Some(error)) if status >= 500 => warn!(%method, path, status, upstream, kind,
+                                 outcome, error, elapsed_ms, "request failed"),
+            (Ok(bytes), error) => info!(%method, path, status, upstream, kind, outcome, bytes,
+                                 error, elapsed_ms, "request"),
         }
         sent.map(|_| true)
     }

@@ -587,3 +587,28 @@ async fn clients_may_speak_http2_in_cleartext() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blobs_without_content_length_are_streamed_then_served_with_one() {
+    let fake = FakeUpstream::start().await;
+    fake.set_chunked(true);
+    fake.set_chunk_delay(Duration::from_millis(2));
+    let data = blob_data(700_000, 9);
+    let digest = fake.add_blob(&data);
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/app/blobs/{digest}", m.base);
+
+    let cold = get(&url).await;
+    assert_eq!(cold.status(), StatusCode::OK);
+    assert!(cold.bytes().await.unwrap()[..] == data[..]);
+    let warm = get(&url).await;
+    assert_eq!(
+        warm.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert!(warm.bytes().await.unwrap()[..] == data[..]);
+    assert_eq!(
+        fake.count(&format!("GET /v2/library/app/blobs/{digest}")),
+        1
+    );
+}

@@ -4,17 +4,49 @@
 use std::time::{Duration, Instant};
 
 use crate::support::dockside::{Config, Dockside, Upstream};
-use crate::support::fake::{FakeUpstream, Mode};
+use crate::support::fault_proxy::{FaultProxy, Mode};
 use crate::support::image::{Format, Image, random_bytes};
 use crate::support::registry::{Auth, Registry, count};
 use crate::support::{digest_of, http, skopeo};
 
-fn fake_hub(fake: &FakeUpstream) -> Upstream {
+/// A plain registry holding `data` as a blob of `library/x`, and a fault proxy in front of it in
+/// `mode`, checked to really inject that fault. Returns the blob's digest too.
+fn faulty_upstream(data: &[u8], mode: Mode) -> (Registry, FaultProxy, String) {
+    let reg = Registry::start(Auth::None);
+    let digest = reg.push_blob("library/x", data);
+    let proxy = FaultProxy::start(&reg, mode);
+    // The fault is real: straight through the proxy, the blob comes back wrong.
+    let direct = http::get_outcome(&format!("{}/v2/library/x/blobs/{digest}", proxy.url()));
+    match (mode, &direct) {
+        (Mode::Corrupt, (200, Ok(body))) => {
+            assert_eq!(body.len(), data.len(), "corrupt proxy: length");
+            assert_ne!(digest_of(body), digest, "corrupt proxy: bytes not altered");
+        }
+        (Mode::CutAfter(_), (200, Err(_))) => {}
+        _ => panic!(
+            "fault proxy in {mode:?}: unexpected direct answer {} {:?}",
+            direct.0,
+            direct.1.as_ref().map(Vec::len)
+        ),
+    }
+    (reg, proxy, digest)
+}
+
+fn proxied_hub(proxy: &FaultProxy) -> Upstream {
     Upstream {
         name: "docker.io".into(),
-        url: fake.url(),
+        url: proxy.url(),
         ..Default::default()
     }
+}
+
+/// Upstream GETs of blob `digest` that were answered in `mode`.
+fn gets_in(proxy: &FaultProxy, digest: &str, mode: Mode) -> usize {
+    proxy
+        .blob_gets(digest)
+        .iter()
+        .filter(|r| r.mode == mode)
+        .count()
 }
 
 /// The one outcome a client must never get: a clean, complete 200 whose bytes are not the blob.
@@ -32,9 +64,9 @@ fn assert_not_silently_wrong(what: &str, outcome: &(u16, Result<Vec<u8>, String>
 #[test]
 fn corrupt_upstream_blob_is_never_served_or_cached() {
     let data = random_bytes(1000, 4 << 20);
-    let digest = digest_of(&data);
-    let fake = FakeUpstream::start(&[&data], Mode::Corrupt);
-    let d = Dockside::start(&Config::new(vec![fake_hub(&fake)]));
+    let (_reg, proxy, digest) = faulty_upstream(&data, Mode::Corrupt);
+    let probes = gets_in(&proxy, &digest, Mode::Corrupt);
+    let d = Dockside::start(&Config::new(vec![proxied_hub(&proxy)]));
     let url = format!("{}/v2/library/x/blobs/{digest}", d.url());
 
     for i in 0..2 {
@@ -45,8 +77,13 @@ fn corrupt_upstream_blob_is_never_served_or_cached() {
             "corrupt upstream, GET {i}: want an error status or a cut body, got a full 200"
         );
     }
+    let corrupt_gets = gets_in(&proxy, &digest, Mode::Corrupt) - probes;
+    assert!(
+        corrupt_gets >= 1,
+        "dockside never fetched the blob from the corrupting upstream"
+    );
     // Nothing bad was kept: once the upstream is honest the blob comes through right.
-    fake.set_mode(Mode::Honest);
+    proxy.set_mode(Mode::Honest);
     let (status, body) = http::get_outcome(&url);
     assert_eq!(status, 200);
     assert_eq!(
@@ -54,14 +91,18 @@ fn corrupt_upstream_blob_is_never_served_or_cached() {
         digest,
         "blob after the upstream recovered"
     );
+    eprintln!(
+        "corrupt upstream: {corrupt_gets} corrupt upstream GETs for 2 client GETs, then {} honest",
+        gets_in(&proxy, &digest, Mode::Honest)
+    );
 }
 
 #[test]
 fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
     let data = random_bytes(1001, 4 << 20);
-    let digest = digest_of(&data);
-    let fake = FakeUpstream::start(&[&data], Mode::CutAfter(1 << 20));
-    let d = Dockside::start(&Config::new(vec![fake_hub(&fake)]));
+    let (_reg, proxy, digest) = faulty_upstream(&data, Mode::CutAfter(1 << 20));
+    let probes = gets_in(&proxy, &digest, Mode::CutAfter(1 << 20));
+    let d = Dockside::start(&Config::new(vec![proxied_hub(&proxy)]));
     let url = format!("{}/v2/library/x/blobs/{digest}", d.url());
 
     let t = Instant::now();
@@ -76,8 +117,12 @@ fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
         got.0 != 200 || got.1.is_err(),
         "upstream always cuts: the client must see the failure"
     );
+    assert!(
+        gets_in(&proxy, &digest, Mode::CutAfter(1 << 20)) > probes,
+        "dockside never fetched the blob from the cutting upstream"
+    );
 
-    fake.set_mode(Mode::Honest);
+    proxy.set_mode(Mode::Honest);
     let (status, body) = http::get_outcome(&url);
     assert_eq!(status, 200);
     assert_eq!(
@@ -85,14 +130,19 @@ fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
         digest,
         "blob after the upstream recovered"
     );
+    let gets: Vec<(Mode, Option<String>)> = proxy
+        .blob_gets(&digest)
+        .into_iter()
+        .skip(probes)
+        .map(|r| (r.mode, r.range))
+        .collect();
     eprintln!(
-        "truncated upstream: first client got {} / {}; upstream GETs (Range): {:?}",
+        "truncated upstream: first client got {} / {}; upstream GETs (mode, Range): {gets:?}",
         got.0,
         got.1
             .as_ref()
             .map(|b| format!("{} bytes", b.len()))
             .unwrap_or_else(|e| e.clone()),
-        fake.blob_gets(&digest)
     );
 }
 

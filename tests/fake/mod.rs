@@ -53,6 +53,8 @@ struct State {
     redirect_blobs_to: Option<String>,
     down: bool,
     chunk_delay: Duration,
+    /// Send blobs chunked, with no Content-Length.
+    chunked: bool,
 }
 
 #[derive(Clone)]
@@ -143,6 +145,10 @@ impl FakeUpstream {
 
     pub fn set_down(&self, down: bool) {
         self.with(|s| s.down = down);
+    }
+
+    pub fn set_chunked(&self, chunked: bool) {
+        self.with(|s| s.chunked = chunked);
     }
 
     /// Stream blobs in 64 KiB chunks with this pause between them.
@@ -268,9 +274,9 @@ impl FakeUpstream {
     }
 
     fn blob(&self, digest: &str, head: bool, delay: Duration) -> Response<Body> {
-        let Some((data, fault)) = self.with(|s| {
+        let Some((data, fault, no_length)) = self.with(|s| {
             let data = s.blobs.get(digest).cloned()?;
-            Some((data, s.faults.get(digest).copied()))
+            Some((data, s.faults.get(digest).copied(), s.chunked))
         }) else {
             return text(StatusCode::NOT_FOUND, "blob unknown");
         };
@@ -284,16 +290,17 @@ impl FakeUpstream {
             Some(Fault::Truncate(n)) => (data, Some(n)),
             None => (data, None),
         };
-        if head || (delay.is_zero() && cut.is_none()) {
+        if head || (delay.is_zero() && cut.is_none() && !no_length) {
             return bytes_response(StatusCode::OK, "application/octet-stream", data, head);
         }
         let stream = chunked(data, cut, delay);
-        Response::builder()
+        let mut resp = Response::builder()
             .status(StatusCode::OK)
-            .header("content-type", "application/octet-stream")
-            .header("content-length", len)
-            .body(StreamBody::new(stream).boxed())
-            .unwrap()
+            .header("content-type", "application/octet-stream");
+        if !no_length {
+            resp = resp.header("content-length", len);
+        }
+        resp.body(StreamBody::new(stream).boxed()).unwrap()
     }
 }
 

@@ -3,7 +3,7 @@
 
 pub mod clients;
 pub mod dockside;
-pub mod fake;
+pub mod fault_proxy;
 pub mod http;
 pub mod image;
 pub mod proc;

@@ -1,0 +1,248 @@
+//! A misbehaving upstream: an HTTP proxy in front of a real [`Registry`] that relays every
+//! answer as is, except that blob bodies can be corrupted or cut off, so tests can check what
+//! dockside does with bad upstream answers.
+//!
+//! Deliberately small: one thread and one upstream connection per client connection, one request
+//! per connection (`Connection: close` both ways), no request bodies beyond a `Content-Length`
+//! one. That is all dockside's upstream client (reqwest) needs for GET/HEAD.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::registry::Registry;
+
+/// How blob GETs (`/v2/<name>/blobs/sha256:...` answered 200) are relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Honest,
+    /// The right length and headers, but one byte in the middle flipped.
+    Corrupt,
+    /// The right headers (full Content-Length), then the connection closes after this many bytes.
+    CutAfter(usize),
+}
+
+/// One request the proxy received.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    pub range: Option<String>,
+    /// The mode it was answered in.
+    pub mode: Mode,
+}
+
+struct Shared {
+    upstream: String,
+    mode: Mutex<Mode>,
+    requests: Mutex<Vec<Logged>>,
+    stop: AtomicBool,
+}
+
+pub struct FaultProxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards to `reg` (which must outlive the proxy's use).
+    pub fn start(reg: &Registry, mode: Mode) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            upstream: reg.host(),
+            mode: Mutex::new(mode),
+            requests: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = relay(conn, &s) {
+                        eprintln!("fault proxy: {e}");
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, the URL to give dockside as the upstream.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Applies to requests that arrive from now on.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Logged> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// GETs of blob `digest` so far.
+    pub fn blob_gets(&self, digest: &str) -> Vec<Logged> {
+        let suffix = format!("/blobs/{digest}");
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&suffix))
+            .collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The first line of a request or response, and its headers.
+type Head = (String, Vec<(String, String)>);
+
+/// Reads a request or response head (without CRLFs); `None` at a clean end of the stream.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
+    let mut first = String::new();
+    if r.read_line(&mut first)? == 0 {
+        return Ok(None);
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok(Some((first.trim_end().to_string(), headers)))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Writes `first` and `headers` minus hop-by-hop ones, plus `Connection: close`.
+fn write_head(
+    w: &mut impl Write,
+    first: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<()> {
+    let mut head = format!("{first}\r\n");
+    for (k, v) in headers {
+        let hop = ["connection", "keep-alive", "proxy-connection"]
+            .iter()
+            .any(|h| k.eq_ignore_ascii_case(h));
+        if !hop {
+            head += &format!("{k}: {v}\r\n");
+        }
+    }
+    head += "Connection: close\r\n\r\n";
+    w.write_all(head.as_bytes())
+}
+
+fn is_blob_path(path: &str) -> bool {
+    path.starts_with("/v2/")
+        && path
+            .rsplit_once("/blobs/")
+            .is_some_and(|(_, d)| d.starts_with("sha256:") && !d.contains('/'))
+}
+
+/// Serves one request of `client` through a fresh connection to the registry.
+fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut from_client = BufReader::new(client.try_clone()?);
+    let mut to_client = client;
+    let Some((request_line, mut req_headers)) = read_head(&mut from_client)? else {
+        return Ok(()); // connected and closed (also the wake-up on drop)
+    };
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let mode = *s.mode.lock().unwrap();
+    let range = header(&req_headers, "range").map(str::to_string);
+    s.requests.lock().unwrap().push(Logged {
+        method: method.clone(),
+        path: path.clone(),
+        range: range.clone(),
+        mode,
+    });
+    let faulty_blob_get = method == "GET" && is_blob_path(&path) && mode != Mode::Honest;
+    if faulty_blob_get {
+        // Like a server that ignores Range: a faulty upstream answers every blob GET in full
+        // (and faultily), so resuming with Range cannot get around the fault.
+        req_headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range"));
+    }
+
+    let upstream = TcpStream::connect(&s.upstream)?;
+    upstream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut to_upstream = upstream.try_clone()?;
+    write_head(&mut to_upstream, &request_line, &req_headers)?;
+    let req_len: u64 = header(&req_headers, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if req_len > 0 {
+        std::io::copy(&mut (&mut from_client).take(req_len), &mut to_upstream)?;
+    }
+    to_upstream.flush()?;
+
+    let mut from_upstream = BufReader::new(upstream);
+    let Some((status_line, resp_headers)) = read_head(&mut from_upstream)? else {
+        return Err(std::io::Error::other(format!(
+            "no answer from the registry to {request_line}"
+        )));
+    };
+    let status = status_line.split_whitespace().nth(1).unwrap_or("");
+    let body_len: Option<usize> =
+        header(&resp_headers, "content-length").and_then(|v| v.parse().ok());
+    write_head(&mut to_client, &status_line, &resp_headers)?;
+
+    match (faulty_blob_get && status == "200", body_len, mode) {
+        (true, Some(len), Mode::Corrupt) => {
+            let mut body = vec![0; len];
+            from_upstream.read_exact(&mut body)?;
+            if let Some(b) = body.get_mut(len / 2) {
+                *b ^= 0xff;
+            }
+            to_client.write_all(&body)?;
+        }
+        (true, Some(_), Mode::CutAfter(n)) => {
+            std::io::copy(&mut (&mut from_upstream).take(n as u64), &mut to_client)?;
+            to_client.flush()?;
+            // Drop the connection mid-body.
+            let _ = to_client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        // Everything else as is; the registry closes after the answer (`Connection: close`).
+        _ => {
+            std::io::copy(&mut from_upstream, &mut to_client)?;
+        }
+    }
+    to_client.flush()?;
+    let _ = to_client.shutdown(Shutdown::Write);
+    Ok(())
+}
