@@ -35,10 +35,11 @@ fn measure_cold_and_warm_pull_against_direct() {
     let img = Image::generate(900, &[30 << 20, 15 << 20, 5 << 20], Format::Oci);
     skopeo::push(&reg, "library/big", "v1", &img);
 
-    let direct: Vec<Duration> = (0..2).map(|_| timed_pull(&reg.host(), &img)).collect();
+    const ROUNDS: usize = 5;
+    let direct: Vec<Duration> = (0..ROUNDS).map(|_| timed_pull(&reg.host(), &img)).collect();
     let mut cold = Vec::new();
     let mut warm = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..ROUNDS {
         // A fresh dockside (empty cache) each round: one cold pull, then one warm.
         let d = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
         cold.push(timed_pull(&d.host(), &img));
@@ -50,15 +51,19 @@ fn measure_cold_and_warm_pull_against_direct() {
             "warm pull asked the upstream"
         );
     }
-    let best = |v: &[Duration]| v.iter().min().unwrap().as_secs_f64();
+    let median = |v: &[Duration]| {
+        let mut sorted = v.to_vec();
+        sorted.sort();
+        sorted[sorted.len() / 2].as_secs_f64()
+    };
     eprintln!(
         "MEASURE pull of a {:.1} MB 3-layer image with skopeo: direct from upstream {}; \
-         cold via dockside {}; warm via dockside {}; cold/direct {:.2}x, warm/direct {:.2}x (best runs)",
+         cold via dockside {}; warm via dockside {}; cold/direct {:.2}x, warm/direct {:.2}x (medians)",
         img.layer_bytes() as f64 / 1e6,
         secs(&direct),
         secs(&cold),
         secs(&warm),
-        best(&cold) / best(&direct),
-        best(&warm) / best(&direct),
+        median(&cold) / median(&direct),
+        median(&warm) / median(&direct),
     );
 }
