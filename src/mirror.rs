@@ -216,7 +216,9 @@ impl Mirror {
             Target::TagsList { name } => (name, "tags_list"),
             Target::Referrers { name, .. } => (name, "referrers"),
         };
-        let (upstream, name) = match self.upstreams.resolve(route.ns.as_deref(), name) {
+        // A host prefix with a port can only name an upstream, so it is resolved like `ns`.
+        let named = route.ns.as_deref().or(route.host_prefix.as_deref());
+        let (upstream, name) = match self.upstreams.resolve(named, name) {
             Ok(resolved) => resolved,
             Err(e) => return ApiResponse::error(&e),
         };

@@ -612,3 +612,26 @@ async fn blobs_without_content_length_are_streamed_then_served_with_one() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_path_prefix_may_name_an_upstream_with_a_port() {
+    let fake = FakeUpstream::start().await;
+    let digest = fake.add_blob(b"from the corp registry");
+    let upstreams = format!("  - name: registry.corp:5000\n    url: {}\n", fake.url());
+    let m = start_mirror(&upstreams, "5m").await;
+
+    let resp = get(&format!(
+        "{}/v2/registry.corp:5000/team/app/blobs/{digest}",
+        m.base
+    ))
+    .await;
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"from the corp registry");
+    assert_eq!(fake.count(&format!("GET /v2/team/app/blobs/{digest}")), 1);
+    let resp = get(&format!(
+        "{}/v2/other.corp:5000/team/app/blobs/{digest}",
+        m.base
+    ))
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+}

@@ -28,6 +28,11 @@ pub struct Route {
     /// (`n`/`last` on tags/list, `artifactType` on referrers). None if
     /// nothing is left.
     pub query: Option<String>,
+    /// A first path component naming a registry host with a port
+    /// (`/v2/registry.corp:5000/app/...`), lowercased. A `:` can never be part
+    /// of a repository name, so such a component can only be an upstream
+    /// prefix; the target's name is what follows it.
+    pub host_prefix: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,22 +82,23 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
         Method::HEAD => true,
         _ => return Err(RouteError::MethodNotAllowed(shown(method.as_str()))),
     };
-    let target = parse_path(path)?;
+    let (host_prefix, target) = parse_path(path)?;
     let (ns, query) = split_query(query.unwrap_or(""))?;
     Ok(Route {
         ns,
         target,
         head,
         query,
+        host_prefix,
     })
 }
 
 /// Parses the path by its last two components, since `<name>` may itself
 /// contain components called `manifests`, `blobs` or `tags`, while a
 /// reference or digest never contains `/`. The last match therefore wins.
-fn parse_path(path: &str) -> Result<Target, RouteError> {
+fn parse_path(path: &str) -> Result<(Option<String>, Target), RouteError> {
     if path == "/v2" || path == "/v2/" {
-        return Ok(Target::Ping);
+        return Ok((None, Target::Ping));
     }
     let not_found = || RouteError::NotFound(shown(path));
     let rest = path.strip_prefix("/v2/").ok_or_else(not_found)?;
@@ -102,6 +108,30 @@ fn parse_path(path: &str) -> Result<Target, RouteError> {
     if last.is_empty() {
         return Err(not_found());
     }
+    let (host_prefix, name) = split_host_prefix(name)?;
+    parse_target(name, kind, last, not_found).map(|target| (host_prefix, target))
+}
+
+/// `registry.corp:5000/app` → (`registry.corp:5000`, `app`); names without a port are left
+/// whole (an upstream named without a port is recognised later, against the configuration).
+fn split_host_prefix(name: &str) -> Result<(Option<String>, &str), RouteError> {
+    match name.split_once('/') {
+        Some((first, rest)) if first.contains(':') => {
+            if !valid_registry_host(first) {
+                return Err(RouteError::NameInvalid(shown(name)));
+            }
+            Ok((Some(first.to_ascii_lowercase()), rest))
+        }
+        _ => Ok((None, name)),
+    }
+}
+
+fn parse_target(
+    name: &str,
+    kind: &str,
+    last: &str,
+    not_found: impl Fn() -> RouteError,
+) -> Result<Target, RouteError> {
     match (kind, last) {
         ("manifests", reference) => Ok(Target::Manifest {
             name: parse_name(name)?,
@@ -231,6 +261,30 @@ fn valid_port(port: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_first_component_with_a_port_is_a_host_prefix() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let path = format!("/v2/Registry.Corp:5000/team/app/blobs/{digest}");
+        let route = parse(&Method::GET, &path, None).unwrap();
+        assert_eq!(route.host_prefix.as_deref(), Some("registry.corp:5000"));
+        assert!(
+            matches!(route.target, Target::Blob { ref name, .. } if name.as_str() == "team/app")
+        );
+        let plain = parse(&Method::GET, "/v2/ghcr.io/app/manifests/1", None).unwrap();
+        assert_eq!(
+            plain.host_prefix, None,
+            "a host without a port stays part of the name"
+        );
+        for bad in [
+            "/v2/bad_host:5000/app/manifests/1",
+            "/v2/host:99999/app/manifests/1",
+            "/v2/a:1/manifests/1",
+        ] {
+            assert!(parse(&Method::GET, bad, None).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
     use crate::oci::Tag;
 

@@ -61,6 +61,8 @@ fn routing_by_ns_alias_prefix_and_default_across_two_upstreams() {
         ("/v2/quay.io/solo/manifests/1", &solo, None),
         ("/v2/docker.io/library/alpine/manifests/3", &alpine, None),
         ("/v2/docker.io/alpine/manifests/3", &alpine, None),
+        // A prefix with a port can only be a registry host, never part of a repository name.
+        ("/v2/localhost:5001/team/app/manifests/1", &app, None),
     ];
     for (path, img, ns) in cases {
         let r = http::get_manifest(&format!("{}{path}", d.url()));
