@@ -635,3 +635,23 @@ async fn a_path_prefix_may_name_an_upstream_with_a_port() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_herd_shares_one_token_fetch() {
+    let fake = FakeUpstream::start().await;
+    fake.set_auth(Auth::Bearer("alice".into(), "s3cret".into()));
+    let blobs: Vec<String> = (0..10u8)
+        .map(|i| fake.add_blob(&blob_data(50_000, i)))
+        .collect();
+    let creds = "    username: alice\n    password: s3cret\n";
+    let m = start_mirror(&one_upstream(&fake, creds), "5m").await;
+
+    let clients: Vec<_> = blobs
+        .iter()
+        .map(|d| tokio::spawn(reqwest::get(format!("{}/v2/app/blobs/{d}", m.base))))
+        .collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(fake.count("GET /token"), 1, "{:?}", fake.log());
+}

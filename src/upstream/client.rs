@@ -15,6 +15,7 @@ use super::{UpstreamError, UpstreamErrorKind};
 use crate::config::{Credentials, Timeouts, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
+use crate::singleflight::SingleFlight;
 
 /// What the upstream asked us to authenticate with, learned from its first challenge.
 #[derive(Clone)]
@@ -36,7 +37,8 @@ pub struct Upstream {
     credentials: Option<Credentials>,
     timeouts: Timeouts,
     mode: RwLock<Option<AuthMode>>,
-    tokens: TokenCache,
+    token_source: TokenSource,
+    token_flights: SingleFlight<String, Result<HeaderValue, UpstreamError>>,
     metrics: Arc<Metrics>,
 }
 
@@ -59,16 +61,27 @@ impl Upstream {
         let library_prefix = std::iter::once(&cfg.name)
             .chain(&cfg.aliases)
             .any(|n| hub_names.contains(&n.to_ascii_lowercase().as_str()));
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        let http = builder.build()?;
+        let token_source = TokenSource {
+            name: name.clone(),
+            http: http.clone(),
+            credentials: cfg.credentials.clone(),
+            first_byte: cfg.timeouts.first_byte,
+            tokens: TokenCache::new(),
+            metrics: metrics.clone(),
+        };
         Ok(Upstream {
-            name: Arc::from(cfg.name.as_str()),
+            name,
             tag_ttl: cfg.tag_ttl,
             library_prefix,
             base: cfg.url.clone(),
-            http: builder.build()?,
+            http,
             credentials: cfg.credentials.clone(),
             timeouts: cfg.timeouts.clone(),
             mode: RwLock::new(None),
-            tokens: TokenCache::new(),
+            token_source,
+            token_flights: SingleFlight::new(),
             metrics,
         })
     }
@@ -182,13 +195,15 @@ impl Upstream {
         match mode {
             None => Ok(None),
             Some(AuthMode::Basic) => Ok(self.basic_header()),
-            Some(AuthMode::Bearer { realm, service }) => match self.tokens.get(scope) {
-                Some(token) => Ok(bearer_header(&token)),
-                None => self
-                    .fetch_token(&realm, service.as_deref(), scope)
-                    .await
-                    .map(Some),
-            },
+            Some(AuthMode::Bearer { realm, service }) => {
+                match self.token_source.tokens.get(scope) {
+                    Some(token) => Ok(bearer_header(&token)),
+                    None => self
+                        .fetch_token(&realm, service.as_deref(), scope)
+                        .await
+                        .map(Some),
+                }
+            }
         }
     }
 
@@ -228,57 +243,23 @@ impl Upstream {
         }
     }
 
-    /// The token flow: GET realm?service=…&scope=…, with Basic credentials when configured.
+    /// A bearer token for `scope`. Concurrent requests for one scope share one token fetch, so
+    /// a herd of cold pulls costs the token endpoint one request, not one per client.
     async fn fetch_token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
     ) -> Result<HeaderValue, UpstreamError> {
-        let unauthorized = |msg: String| self.error(UpstreamErrorKind::Unauthorized(msg));
-        let mut url =
-            Url::parse(realm).map_err(|e| unauthorized(format!("token realm {realm:?}: {e}")))?;
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            query.append_pair("scope", scope);
-        }
-        let mut req = self.http.get(url.clone());
-        if let Some(creds) = &self.credentials {
-            req = req.basic_auth(&creds.username, Some(creds.password.expose()));
-        }
-        let resp = tokio::time::timeout(self.timeouts.first_byte, req.send())
-            .await
-            .map_err(|_| {
-                self.error(UpstreamErrorKind::Timeout(format!(
-                    "fetching a token from {realm}"
-                )))
-            })?
-            .map_err(|e| self.error(classify(&e)))?;
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[&self.name, "TOKEN", resp.status().as_str()])
-            .inc();
-        if !resp.status().is_success() {
-            return Err(unauthorized(format!(
-                "token endpoint {realm} answered {}",
-                resp.status()
-            )));
-        }
-        let parsed: TokenResponse = resp
-            .json()
-            .await
-            .map_err(|e| unauthorized(format!("token endpoint {realm}: {e}")))?;
-        let (token, expires_in) = parsed
-            .into_parts()
-            .ok_or_else(|| unauthorized(format!("token endpoint {realm} sent no token")))?;
-        debug!(upstream = %self.name, scope, ?expires_in, "fetched bearer token");
-        let header = bearer_header(&token)
-            .ok_or_else(|| unauthorized("token is not a valid header value".into()))?;
-        self.tokens.insert(scope, token, expires_in);
-        Ok(header)
+        let source = self.token_source.clone();
+        let (realm, service, owned_scope) = (
+            realm.to_string(),
+            service.map(str::to_string),
+            scope.to_string(),
+        );
+        let fetch =
+            move || async move { source.fetch(&realm, service.as_deref(), &owned_scope).await };
+        self.token_flights.run(scope.to_string(), fetch).await.0
     }
 
     fn basic_header(&self) -> Option<HeaderValue> {
@@ -350,4 +331,72 @@ pub fn body_error(upstream: &Arc<str>, err: &reqwest::Error) -> UpstreamError {
         other => other,
     };
     UpstreamError::new(upstream, kind)
+}
+
+/// What the token flow needs, owned, so a token fetch can run as a task of its own.
+#[derive(Clone)]
+struct TokenSource {
+    name: Arc<str>,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    first_byte: Duration,
+    tokens: TokenCache,
+    metrics: Arc<Metrics>,
+}
+
+impl TokenSource {
+    /// The token flow: GET realm?service=…&scope=…, with Basic credentials when configured.
+    async fn fetch(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let unauthorized =
+            |msg: String| UpstreamError::new(&self.name, UpstreamErrorKind::Unauthorized(msg));
+        let mut url =
+            Url::parse(realm).map_err(|e| unauthorized(format!("token realm {realm:?}: {e}")))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        let mut req = self.http.get(url.clone());
+        if let Some(creds) = &self.credentials {
+            req = req.basic_auth(&creds.username, Some(creds.password.expose()));
+        }
+        let resp = tokio::time::timeout(self.first_byte, req.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::new(
+                    &self.name,
+                    UpstreamErrorKind::Timeout(format!("fetching a token from {realm}")),
+                )
+            })?
+            .map_err(|e| UpstreamError::new(&self.name, classify(&e)))?;
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, "TOKEN", resp.status().as_str()])
+            .inc();
+        if !resp.status().is_success() {
+            return Err(unauthorized(format!(
+                "token endpoint {realm} answered {}",
+                resp.status()
+            )));
+        }
+        let parsed: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| unauthorized(format!("token endpoint {realm}: {e}")))?;
+        let (token, expires_in) = parsed
+            .into_parts()
+            .ok_or_else(|| unauthorized(format!("token endpoint {realm} sent no token")))?;
+        debug!(upstream = %self.name, scope, ?expires_in, "fetched bearer token");
+        let header = bearer_header(&token)
+            .ok_or_else(|| unauthorized("token is not a valid header value".into()))?;
+        self.tokens.insert(scope, token, expires_in);
+        Ok(header)
+    }
 }
