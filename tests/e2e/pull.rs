@@ -278,3 +278,24 @@ fn multi_arch_index_all_and_single_arch() {
     .assert_ok();
     skopeo::assert_dir_has(out.path(), docker.image("amd64"));
 }
+
+#[test]
+fn pull_from_an_https_upstream_trusted_through_ca_file() {
+    let reg = Registry::start_tls(Auth::Basic);
+    let img = Image::generate(40, &[120_000, 4_000], Format::Oci);
+    skopeo::push(&reg, "library/secure", "v1", &img);
+    let ca = reg.ca_pem.as_ref().unwrap().display().to_string();
+
+    // Without the CA, dockside does not trust the upstream: a gateway error naming it.
+    let untrusting = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    let r = http::get_manifest(&format!("{}/v2/secure/manifests/v1", untrusting.url()));
+    assert_eq!(r.status, 502, "{}", r.snippet());
+    assert!(r.snippet().contains("docker.io"), "{}", r.snippet());
+
+    let trusting = Upstream {
+        ca_file: Some(ca),
+        ..Upstream::hub(&reg)
+    };
+    let d = Dockside::start(&Config::new(vec![trusting]));
+    pull_oci_and_check(&d, "secure:v1", &img);
+}

@@ -23,6 +23,8 @@ pub struct Upstream {
     pub tag_ttl: Option<String>,
     /// `timeouts: { ... }` as flow YAML, e.g. `{ connect: 1s, first_byte: 2s, idle: 2s }`.
     pub timeouts: Option<String>,
+    /// An extra CA (PEM file) to trust for this upstream.
+    pub ca_file: Option<String>,
 }
 
 impl Upstream {
@@ -106,6 +108,9 @@ impl Config {
             }
             if let Some(v) = &u.timeouts {
                 y += &format!("    timeouts: {v}\n");
+            }
+            if let Some(v) = &u.ca_file {
+                y += &format!("    ca_file: {}\n", q(v));
             }
         }
         if let Some(d) = &self.default_upstream {

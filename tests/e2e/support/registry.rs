@@ -1,5 +1,6 @@
 //! Debian's docker-registry (CNCF distribution 2.8) as the upstream, with its access log.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct AccessLine {
 
 pub struct Registry {
     pub port: u16,
+    /// For a registry serving TLS: the CA certificate (PEM) that signed its certificate.
+    pub ca_pem: Option<PathBuf>,
     pub auth: Auth,
     pub token: Option<TokenServer>,
     proc: Proc,
@@ -40,6 +43,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
+        Registry::launch(auth, false)
+    }
+
+    /// A registry serving HTTPS with a certificate for 127.0.0.1 from a CA of its own.
+    pub fn start_tls(auth: Auth) -> Registry {
+        Registry::launch(auth, true)
+    }
+
+    fn launch(auth: Auth, tls: bool) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("e2e-upstream-")
             .tempdir()
@@ -77,13 +89,26 @@ impl Registry {
                 )
             }
         };
+        let (tls_yaml, ca_pem) = if tls {
+            let files = make_tls_files(dir.path());
+            (
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    files.cert.display(),
+                    files.key.display()
+                ),
+                Some(files.ca),
+            )
+        } else {
+            (String::new(), None)
+        };
         for attempt in 1.. {
             let port = free_port();
             let config = format!(
                 "version: 0.1\n\
                  log:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: dockside-e2e-secret\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: dockside-e2e-secret\n{tls_yaml}\
                  {auth_yaml}",
                 store.display()
             );
@@ -98,13 +123,15 @@ impl Registry {
                 libc::SIGTERM,
                 Duration::from_secs(5),
             );
-            let url = format!("http://127.0.0.1:{port}/v2/");
+            let scheme = if tls { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{port}/v2/");
             // 200 without auth, 401 with it: either way it is serving.
             let ready = || super::http::get(&url).is_ok_and(|r| r.status == 200 || r.status == 401);
             match proc.wait_ready("docker-registry to answer /v2/", ready) {
                 Ok(()) => {
                     return Registry {
                         port,
+                        ca_pem,
                         auth,
                         token,
                         proc,
@@ -129,7 +156,12 @@ impl Registry {
 
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.host())
     }
 
     /// `user:password` for skopeo's `--*-creds`, if this registry needs auth.
@@ -257,5 +289,92 @@ impl Drop for Registry {
                 super::tail(&self.log(), 25)
             );
         }
+    }
+}
+
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl CLI).
+fn make_tls_files(dir: &Path) -> TlsFiles {
+    let path = |name: &str| dir.join(name);
+    let ext = path("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let days = ["-days", "2"];
+    openssl(
+        &[
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=dockside e2e CA",
+            ][..],
+            &days,
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(
+        &[
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-extfile",
+                "server.ext",
+            ][..],
+            &days,
+        ]
+        .concat(),
+    );
+    TlsFiles {
+        ca: path("ca.pem"),
+        cert: path("server.pem"),
+        key: path("server.key"),
     }
 }
