@@ -18,7 +18,7 @@ struct Mirror {
     admin: String,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Mirror {
@@ -26,6 +26,19 @@ impl Drop for Mirror {
         let _ = self.stop.send(true);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        // A fast shutdown drops pingora's runtime, but a fill's last blocking write or rename
+        // may still be running; removing the cache under it would fail, so retry briefly.
+        if let Some(dir) = self.dir.take() {
+            let path = dir.keep();
+            for _ in 0..50 {
+                match std::fs::remove_dir_all(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 }
@@ -55,7 +68,7 @@ async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
         admin: format!("http://127.0.0.1:{admin}"),
         stop,
         thread: Some(thread),
-        _dir: dir,
+        dir: Some(dir),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while reqwest::get(format!("{}/v2/", mirror.base)).await.is_err() {
@@ -654,4 +667,22 @@ async fn a_cold_herd_shares_one_token_fetch() {
         assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
     }
     assert_eq!(fake.count("GET /token"), 1, "{:?}", fake.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_token_is_replaced_not_retried() {
+    let fake = FakeUpstream::start().await;
+    fake.set_auth(Auth::Bearer("alice".into(), "s3cret".into()));
+    let first = fake.add_blob(b"first");
+    let second = fake.add_blob(b"second");
+    let creds = "    username: alice\n    password: s3cret\n";
+    let m = start_mirror(&one_upstream(&fake, creds), "5m").await;
+
+    let resp = get(&format!("{}/v2/app/blobs/{first}", m.base)).await;
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"first");
+    fake.rotate_tokens();
+    let resp = get(&format!("{}/v2/app/blobs/{second}", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"second");
+    assert_eq!(fake.count("GET /token"), 2, "{:?}", fake.log());
 }

@@ -145,6 +145,11 @@ impl TokenCache {
         self.tokens.get(scope).map(|(token, _)| token)
     }
 
+    /// Forget a token the upstream refused.
+    pub fn remove(&self, scope: &str) {
+        self.tokens.invalidate(scope);
+    }
+
     /// Keep `token` for `expires_in` less a safety margin, so it is never sent just as it expires.
     pub fn insert(&self, scope: &str, token: String, expires_in: Duration) {
         let margin = (expires_in / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));

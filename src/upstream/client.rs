@@ -148,7 +148,8 @@ impl Upstream {
                 .await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
-                authorization = Some(self.answer_challenge(&resp, &scope).await?);
+                let rejected = authorization.take();
+                authorization = Some(self.answer_challenge(&resp, &scope, rejected).await?);
                 continue;
             }
             return self.check_status(resp);
@@ -207,10 +208,12 @@ impl Upstream {
         }
     }
 
+    /// `rejected` is what this request sent and was refused with, if anything.
     async fn answer_challenge(
         &self,
         resp: &reqwest::Response,
         scope: &str,
+        rejected: Option<HeaderValue>,
     ) -> Result<HeaderValue, UpstreamError> {
         let header = resp
             .headers()
@@ -238,6 +241,18 @@ impl Upstream {
                     realm: realm.clone(),
                     service: service.clone(),
                 });
+                // Another request may have fetched a token for this scope since we sent ours.
+                // Use it, unless it is the very token the upstream just refused.
+                let cached = self
+                    .token_source
+                    .tokens
+                    .get(scope)
+                    .and_then(|t| bearer_header(&t));
+                match cached {
+                    Some(header) if Some(&header) != rejected.as_ref() => return Ok(header),
+                    Some(_) => self.token_source.tokens.remove(scope),
+                    None => {}
+                }
                 self.fetch_token(&realm, service.as_deref(), scope).await
             }
         }

@@ -52,6 +52,8 @@ struct State {
     /// Answer blob GETs with a 307 to `<base>/cdn/<digest>`, as Docker Hub does.
     redirect_blobs_to: Option<String>,
     down: bool,
+    /// Bumped to revoke every token handed out so far.
+    token_generation: u32,
     chunk_delay: Duration,
     /// Send blobs chunked, with no Content-Length.
     chunked: bool,
@@ -143,6 +145,11 @@ impl FakeUpstream {
         self.with(|s| s.redirect_blobs_to = base);
     }
 
+    /// Revoke every token issued so far: the next ones differ.
+    pub fn rotate_tokens(&self) {
+        self.with(|s| s.token_generation += 1);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.with(|s| s.down = down);
     }
@@ -224,7 +231,8 @@ impl FakeUpstream {
         if header(req, "authorization") != Some(basic(user, pass)) {
             return text(StatusCode::UNAUTHORIZED, "bad credentials");
         }
-        let body = r#"{"token":"fake-token","expires_in":300}"#;
+        let token = self.with(|s| format!("fake-token-{}", s.token_generation));
+        let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
         bytes_response(StatusCode::OK, "application/json", Bytes::from(body), false)
     }
 
@@ -249,7 +257,8 @@ impl FakeUpstream {
                     r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#,
                     self.url()
                 );
-                ("Bearer fake-token".to_string(), challenge)
+                let token = self.with(|s| format!("fake-token-{}", s.token_generation));
+                (format!("Bearer {token}"), challenge)
             }
         };
         if header(req, "authorization") == Some(expected) {
