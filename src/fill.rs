@@ -125,6 +125,16 @@ impl Fills {
         }
     }
 
+    /// The length of a blob being filled, once the upstream has said it.
+    pub fn len_in_flight(&self, digest: &Digest) -> Option<u64> {
+        let inflight = self.inflight.lock().expect("fill lock");
+        match &*inflight.get(digest)?.progress.borrow() {
+            FillState::Streaming { len, .. } => *len,
+            FillState::Verified { len } => Some(*len),
+            FillState::Starting | FillState::Failed(_) => None,
+        }
+    }
+
     /// The fill task: stream upstream into the ingest, verify and commit, then tell every reader.
     fn run(
         &self,

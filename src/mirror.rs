@@ -566,15 +566,21 @@ impl Mirror {
         }
     }
 
-    /// HEAD of a blob: from the cache when we have it, else asked upstream without fetching.
+    /// HEAD of a blob: from the cache or a fill in flight when we can, else asked upstream
+    /// without fetching.
     async fn blob_head(
         &self,
         upstream: &Upstream,
         name: &RepoName,
         digest: &Digest,
     ) -> Result<ApiResponse, ApiError> {
-        let (len, outcome) = match self.store.size_of(digest) {
-            Some(len) => (Some(len), Outcome::Hit),
+        let known = self.store.size_of(digest).map(|len| (len, Outcome::Hit));
+        let known = known.or_else(|| {
+            let len = self.fills.len_in_flight(digest)?;
+            Some((len, Outcome::Coalesced))
+        });
+        let (len, outcome) = match known {
+            Some((len, outcome)) => (Some(len), outcome),
             None => {
                 let resp = upstream
                     .blob(Method::HEAD, name, digest)

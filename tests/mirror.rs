@@ -686,3 +686,23 @@ async fn a_refused_token_is_replaced_not_retried() {
     assert_eq!(&resp.bytes().await.unwrap()[..], b"second");
     assert_eq!(fake.count("GET /token"), 2, "{:?}", fake.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_during_a_fill_is_answered_by_the_fill() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(2 << 20, 10);
+    let digest = fake.add_blob(&data);
+    fake.set_chunk_delay(Duration::from_millis(30));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/app/blobs/{digest}", m.base);
+
+    let mut filling = get(&url).await;
+    filling.chunk().await.unwrap();
+    let head = reqwest::Client::new().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(fake.count("HEAD "), 0, "{:?}", fake.log());
+}
