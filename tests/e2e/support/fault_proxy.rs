@@ -7,12 +7,12 @@
 //! one. That is all dockside's upstream client (reqwest) needs for GET/HEAD.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::registry::Registry;
+use super::serve::LoopbackServer;
 
 /// How blob GETs (`/v2/<name>/blobs/sha256:...` answered 200) are relayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,45 +39,32 @@ struct Shared {
     upstream: String,
     mode: Mutex<Mode>,
     requests: Mutex<Vec<Logged>>,
-    stop: AtomicBool,
 }
 
 pub struct FaultProxy {
     pub port: u16,
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: LoopbackServer,
 }
 
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `reg` (which must outlive the proxy's use).
     pub fn start(reg: &Registry, mode: Mode) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
-        let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             upstream: reg.host(),
             mode: Mutex::new(mode),
             requests: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
         });
         let s = shared.clone();
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = relay(conn, &s) {
-                        eprintln!("fault proxy: {e}");
-                    }
-                });
+        let server = LoopbackServer::start("fault proxy", move |conn| {
+            if let Err(e) = relay(conn, &s) {
+                eprintln!("fault proxy: {e}");
             }
         });
         FaultProxy {
-            port,
+            port: server.port,
             shared,
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -103,16 +90,6 @@ impl FaultProxy {
             .into_iter()
             .filter(|r| r.method == "GET" && r.path.ends_with(&suffix))
             .collect()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

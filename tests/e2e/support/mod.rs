@@ -9,6 +9,7 @@ pub mod image;
 pub mod proc;
 pub mod registry;
 pub mod serial;
+pub mod serve;
 pub mod skopeo;
 pub mod token;
 

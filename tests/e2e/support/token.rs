@@ -7,16 +7,17 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::json;
+
+use super::serve::LoopbackServer;
 
 pub const SERVICE: &str = "dockside-e2e-registry";
 pub const ISSUER: &str = "dockside-e2e-issuer";
@@ -36,14 +37,13 @@ struct Shared {
     key: PathBuf,
     cert_b64: String,
     requests: Mutex<Vec<TokenRequest>>,
-    stop: AtomicBool,
 }
 
 pub struct TokenServer {
     pub port: u16,
     pub cert_pem: PathBuf,
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: LoopbackServer,
 }
 
 impl TokenServer {
@@ -75,34 +75,22 @@ impl TokenServer {
             .expect("openssl x509");
         assert!(der.status.success(), "openssl x509 -outform DER failed");
 
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
-        let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             user: user.to_string(),
             password: password.to_string(),
             key,
             cert_b64: STANDARD.encode(&der.stdout),
             requests: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
         });
         let s = shared.clone();
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let _ = handle(conn, &s);
-                });
-            }
+        let server = LoopbackServer::start("token server", move |conn| {
+            let _ = handle(conn, &s);
         });
         TokenServer {
-            port,
+            port: server.port,
             cert_pem,
             shared,
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -117,17 +105,6 @@ impl TokenServer {
 
     pub fn clear(&self) {
         self.shared.requests.lock().unwrap().clear();
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
