@@ -70,25 +70,7 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
     let hosts = hosts.to_str().unwrap();
     let decoy_before = decoy.access_log();
 
-    let out = c.ctr(
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts,
-            "--snapshotter",
-            "native",
-            "docker.io/library/ctrimg:1.0",
-        ],
-        PULL_TIMEOUT,
-    );
-    if !out.success() {
-        eprintln!(
-            "--- containerd log tail ---\n{}",
-            crate::support::tail(&c.log(), 40)
-        );
-    }
-    out.assert_ok();
+    ctr_pull(&c, hosts, "docker.io/library/ctrimg:1.0");
     let ls = c.ctr(&["images", "ls"], Duration::from_secs(30));
     ls.assert_ok();
     assert!(
@@ -100,19 +82,7 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
     assert_blobs_came_through(&hub, "library/ctrimg", &img);
 
     // A multi-platform index: containerd picks this machine's platform.
-    let out = c.ctr(
-        &[
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts,
-            "--snapshotter",
-            "native",
-            "docker.io/library/ctrmulti:2.0",
-        ],
-        PULL_TIMEOUT,
-    );
-    out.assert_ok();
+    ctr_pull(&c, hosts, "docker.io/library/ctrmulti:2.0");
     assert_blobs_came_through(&hub, "library/ctrmulti", multi.image(mine));
     assert_blobs_not_fetched(&hub, "library/ctrmulti", multi.image(other));
     let decoy_log = decoy.access_log()[decoy_before.len()..].to_vec();
@@ -195,4 +165,26 @@ fn dockerd_pulls_through_registry_mirror() {
     dd.docker(&["pull", &reference], PULL_TIMEOUT).assert_ok();
     assert_blobs_came_through(&hub, "library/dockmulti", multi.image(mine));
     assert_blobs_not_fetched(&hub, "library/dockmulti", multi.image(other));
+}
+
+/// `ctr images pull` through the hosts.toml mirror config in `hosts`; shows containerd's log on
+/// failure.
+fn ctr_pull(c: &Containerd, hosts: &str, reference: &str) {
+    let args = [
+        "images",
+        "pull",
+        "--hosts-dir",
+        hosts,
+        "--snapshotter",
+        "native",
+        reference,
+    ];
+    let out = c.ctr(&args, PULL_TIMEOUT);
+    if !out.success() {
+        eprintln!(
+            "--- containerd log tail ---\n{}",
+            crate::support::tail(&c.log(), 40)
+        );
+    }
+    out.assert_ok();
 }

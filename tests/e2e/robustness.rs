@@ -83,14 +83,7 @@ fn corrupt_upstream_blob_is_never_served_or_cached() {
         "dockside never fetched the blob from the corrupting upstream"
     );
     // Nothing bad was kept: once the upstream is honest the blob comes through right.
-    proxy.set_mode(Mode::Honest);
-    let (status, body) = http::get_outcome(&url);
-    assert_eq!(status, 200);
-    assert_eq!(
-        digest_of(&body.expect("body")),
-        digest,
-        "blob after the upstream recovered"
-    );
+    assert_recovers(&proxy, &url, &digest);
     eprintln!(
         "corrupt upstream: {corrupt_gets} corrupt upstream GETs for 2 client GETs, then {} honest",
         gets_in(&proxy, &digest, Mode::Honest)
@@ -122,14 +115,7 @@ fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
         "dockside never fetched the blob from the cutting upstream"
     );
 
-    proxy.set_mode(Mode::Honest);
-    let (status, body) = http::get_outcome(&url);
-    assert_eq!(status, 200);
-    assert_eq!(
-        digest_of(&body.expect("body")),
-        digest,
-        "blob after the upstream recovered"
-    );
+    assert_recovers(&proxy, &url, &digest);
     let gets: Vec<(Mode, Option<String>)> = proxy
         .blob_gets(&digest)
         .into_iter()
@@ -314,5 +300,18 @@ fn cache_stays_within_max_size_evicting_least_recently_used() {
         ),
         1,
         "least recently used blob should have been evicted and refetched: {lines:?}"
+    );
+}
+
+/// Switch the upstream to honest and check the blob now comes through whole and right: proof
+/// that nothing from the faulty fetches was kept.
+fn assert_recovers(proxy: &FaultProxy, url: &str, digest: &str) {
+    proxy.set_mode(Mode::Honest);
+    let (status, body) = http::get_outcome(url);
+    assert_eq!(status, 200);
+    assert_eq!(
+        digest_of(&body.expect("body")),
+        digest,
+        "blob after the upstream recovered"
     );
 }
