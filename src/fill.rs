@@ -150,18 +150,26 @@ impl Fills {
         async move {
             metrics.fills_in_flight.inc();
             let streamed = stream_into(ingest.as_mut(), fetch, &tx, &upstream, &metrics).await;
-            let verified =
-                streamed.and_then(|()| ingest.verify().map_err(|e| commit_error(&upstream, e)));
+            let verified = streamed.and_then(|keep| {
+                let len = ingest.verify().map_err(|e| commit_error(&upstream, e))?;
+                Ok((len, keep))
+            });
             match verified {
-                Ok(len) => {
+                Ok((len, keep)) => {
                     tx.send_replace(FillState::Verified { len });
-                    match ingest.commit().await {
-                        Ok(_) => {
-                            info!(%digest, %upstream, bytes = len, "blob cached");
-                            metrics.record_usage(store.usage());
+                    let committed = match keep {
+                        Keep::Yes => ingest.commit().await,
+                        Keep::TooLarge(e) => Err(e),
+                    };
+                    match committed {
+                        Ok(_) => info!(%digest, %upstream, bytes = len, "blob cached"),
+                        Err(e @ StoreError::TooLarge { .. }) => {
+                            metrics.oversize_blobs.with_label_values(&[&upstream]).inc();
+                            info!(%digest, %upstream, bytes = len, reason = %e, "blob served pass-through, not kept");
                         }
                         Err(e) => warn!(%digest, error = %e, "blob served but not cached"),
                     }
+                    metrics.record_usage(store.usage());
                 }
                 Err(err) => {
                     drop(ingest);
@@ -182,15 +190,31 @@ impl Fills {
     }
 }
 
+/// Whether a fill's blob can be kept once verified.
+enum Keep {
+    Yes,
+    /// Larger than the cache can hold: streamed to its readers, then let go.
+    TooLarge(StoreError),
+}
+
 async fn stream_into(
     ingest: &mut dyn Ingest,
     fetch: Fetch,
     tx: &watch::Sender<FillState>,
     upstream: &Arc<str>,
     metrics: &Metrics,
-) -> Result<(), UpstreamError> {
+) -> Result<Keep, UpstreamError> {
     let resp = fetch.await?;
     let len = content_length(resp.headers());
+    let keep = match len {
+        // Room is made before the first byte lands, so the disk never holds more than allowed.
+        Some(len) => match ingest.reserve(len).await {
+            Ok(()) => Keep::Yes,
+            Err(e @ StoreError::TooLarge { .. }) => Keep::TooLarge(e),
+            Err(e) => return Err(commit_error(upstream, e)),
+        },
+        None => Keep::Yes,
+    };
     tx.send_replace(FillState::Streaming { len, written: 0 });
     let mut body = resp.bytes_stream();
     let mut batch = BytesMut::new();
@@ -244,7 +268,7 @@ async fn stream_into(
                 got: ingest.written(),
             },
         )),
-        _ => Ok(()),
+        _ => Ok(keep),
     }
 }
 
@@ -253,7 +277,7 @@ fn commit_error(upstream: &Arc<str>, err: StoreError) -> UpstreamError {
         StoreError::DigestMismatch { expected, actual } => {
             UpstreamErrorKind::DigestMismatch { expected, actual }
         }
-        StoreError::Io(e) => UpstreamErrorKind::Store(e.to_string()),
+        other => UpstreamErrorKind::Store(other.to_string()),
     };
     UpstreamError::new(upstream, kind)
 }

@@ -1,7 +1,11 @@
 //! Every Prometheus metric dockside exports, registered once per [`Metrics`] instance (not in the
 //! global registry, so several mirrors can run in one test process).
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::store::Usage;
 
 pub struct Metrics {
     registry: Registry,
@@ -28,6 +32,11 @@ pub struct Metrics {
     pub cache_objects: IntGauge,
     /// The configured cache size limit.
     pub cache_limit_bytes: IntGauge,
+    pub cache_pinned_bytes: IntGauge,
+    pub evictions: IntCounter,
+    pub evicted_bytes: IntCounter,
+    /// Blobs served pass-through because they can never fit the cache.
+    pub oversize_blobs: IntCounterVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -48,6 +57,13 @@ impl Metrics {
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
             g
+        };
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
         };
         let metrics = Metrics {
             requests: counter(
@@ -92,6 +108,23 @@ impl Metrics {
             cache_bytes: gauge("dockside_cache_bytes", "Bytes of cached objects on disk."),
             cache_objects: gauge("dockside_cache_objects", "Cached objects on disk."),
             cache_limit_bytes: gauge("dockside_cache_limit_bytes", "Configured cache size limit."),
+            cache_pinned_bytes: gauge(
+                "dockside_cache_pinned_bytes",
+                "Bytes of cached objects pinned by cache.pin, never evicted.",
+            ),
+            evictions: plain_counter(
+                "dockside_evictions_total",
+                "Cached objects deleted to stay within cache.max_size.",
+            ),
+            evicted_bytes: plain_counter(
+                "dockside_evicted_bytes_total",
+                "Bytes of cached objects deleted to stay within cache.max_size.",
+            ),
+            oversize_blobs: counter(
+                "dockside_oversize_blobs_total",
+                "Blobs served without being kept because they exceed cache.max_size.",
+                &["upstream"],
+            ),
             build_info: {
                 let g = IntGaugeVec::new(
                     Opts::new("dockside_build_info", "Build information; always 1."),
@@ -113,9 +146,14 @@ impl Metrics {
     }
 
     /// Record the store's usage: (bytes, objects).
-    pub fn record_usage(&self, (bytes, objects): (u64, u64)) {
-        self.cache_bytes.set(bytes as i64);
-        self.cache_objects.set(objects as i64);
+    pub fn record_usage(&self, usage: Usage) {
+        self.cache_bytes.set(usage.bytes as i64);
+        self.cache_objects.set(usage.objects as i64);
+        self.cache_limit_bytes.set(usage.max_bytes as i64);
+        self.cache_pinned_bytes.set(usage.pinned_bytes as i64);
+        // The store counts since start; these counters catch up to it.
+        catch_up(&self.evictions, usage.evicted_objects);
+        catch_up(&self.evicted_bytes, usage.evicted_bytes);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -125,6 +163,13 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         out
+    }
+}
+
+fn catch_up(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }
 

@@ -145,16 +145,15 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mirror>> {
+        let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
         let store = Arc::new(
-            DiskStore::open(&config.cache.dir)
-                .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display()))?,
+            DiskStore::open(&config.cache.dir, config.cache.max_size).map_err(cache_error)?,
         );
-        metrics.cache_limit_bytes.set(config.cache.max_size as i64);
         let mirror = Mirror {
             upstreams: Upstreams::new(config, metrics.clone())?,
             fills: Fills::new(store.clone(), metrics.clone()),
             store,
-            tags: TagCache::new(100_000),
+            tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
             manifests: Cache::builder()
                 .max_capacity(MEMORY_MANIFESTS)
                 .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
@@ -290,6 +289,7 @@ impl Mirror {
     /// A manifest from memory, else from disk.
     async fn cached_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
         if let Some(m) = self.manifests.get(digest) {
+            self.store.touch(digest);
             return Some(m);
         }
         let obj = match self.store.open(digest).await {

@@ -59,6 +59,17 @@ impl AcceptSet {
         }
     }
 
+    /// The set as a number from 1 to 15, for file names.
+    pub fn bits(&self) -> u8 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u8) -> Option<AcceptSet> {
+        (1..=AcceptSet::ALL.0)
+            .contains(&bits)
+            .then_some(AcceptSet(bits))
+    }
+
     /// The accepted types, comma-separated, for the upstream `Accept` header.
     pub fn header_value(&self) -> String {
         NEGOTIATED

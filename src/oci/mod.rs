@@ -8,12 +8,13 @@
 //! URLs and on-disk paths.
 
 pub mod digest;
+pub mod manifest;
 pub mod media;
 pub mod reference;
 pub mod route;
 
 pub use digest::Digest;
-pub use reference::{Reference, RepoName, Tag};
+pub use reference::{ImageRef, Reference, RepoName, Tag};
 pub use route::{Route, RouteError, Target};
 
 /// Longest prefix of a rejected value that error messages carry.

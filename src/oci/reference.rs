@@ -31,6 +31,8 @@ pub enum ReferenceError {
     TagInvalid(String),
     #[error(transparent)]
     Digest(#[from] DigestError),
+    #[error("invalid registry host {0:?} in an image reference")]
+    HostInvalid(String),
 }
 
 /// A repository name such as `library/alpine`, valid by construction.
@@ -224,6 +226,72 @@ impl FromStr for Reference {
     type Err = ReferenceError;
     fn from_str(s: &str) -> Result<Reference, ReferenceError> {
         Reference::parse(s)
+    }
+}
+
+/// An image as operators and `docker pull` write it: `[host/]name[:tag|@digest]`. The host, when
+/// present, names an upstream; without one the default upstream is meant. A missing tag is
+/// `latest`.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct ImageRef {
+    pub host: Option<String>,
+    pub name: RepoName,
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<ImageRef, ReferenceError> {
+        let (rest, reference) = match s.split_once('@') {
+            // `name:tag@digest` pins the digest; the tag is only a label then.
+            Some((rest, digest)) => {
+                let rest = strip_tag(rest).0;
+                (rest, Reference::Digest(Digest::parse(digest)?))
+            }
+            None => match strip_tag(s) {
+                (rest, Some(tag)) => (rest, Reference::Tag(Tag::parse(tag)?)),
+                (rest, None) => (rest, Reference::Tag(Tag::parse("latest")?)),
+            },
+        };
+        let (host, name) = match rest.split_once('/') {
+            Some((first, name)) if looks_like_host(first) => {
+                if !super::route::valid_registry_host(first) {
+                    return Err(ReferenceError::HostInvalid(shown(first)));
+                }
+                (Some(first.to_ascii_lowercase()), name)
+            }
+            _ => (None, rest),
+        };
+        Ok(ImageRef {
+            host,
+            name: RepoName::parse(name)?,
+            reference,
+        })
+    }
+}
+
+/// Split `name:tag` at a `:` after the last `/` (a `:` before it is a host's port).
+fn strip_tag(s: &str) -> (&str, Option<&str>) {
+    let after_slash = s.rfind('/').map_or(0, |i| i + 1);
+    match s[after_slash..].rfind(':') {
+        Some(i) => (&s[..after_slash + i], Some(&s[after_slash + i + 1..])),
+        None => (s, None),
+    }
+}
+
+/// Docker's rule: a first component with a `.` or `:`, or `localhost`, is a registry host.
+fn looks_like_host(component: &str) -> bool {
+    component.contains(['.', ':']) || component == "localhost"
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(host) = &self.host {
+            write!(f, "{host}/")?;
+        }
+        match &self.reference {
+            Reference::Tag(t) => write!(f, "{}:{t}", self.name),
+            Reference::Digest(d) => write!(f, "{}@{d}", self.name),
+        }
     }
 }
 
@@ -423,5 +491,25 @@ mod tests {
     fn digest_error_message_is_passed_through() {
         let err = Reference::parse("md5:abc").unwrap_err();
         assert!(err.to_string().contains("\"md5:abc\""), "{err}");
+    }
+
+    #[test]
+    fn image_references() {
+        let r = ImageRef::parse("alpine").unwrap();
+        assert_eq!((r.host, r.name.as_str()), (None, "alpine"));
+        assert_eq!(r.reference, Reference::parse("latest").unwrap());
+        let r = ImageRef::parse("127.0.0.1:5000/team/app:v1.2").unwrap();
+        assert_eq!(r.host.as_deref(), Some("127.0.0.1:5000"));
+        assert_eq!(r.name.as_str(), "team/app");
+        assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2");
+        let r = ImageRef::parse(&format!("localhost/app:1@{DIGEST}")).unwrap();
+        assert_eq!(r.host.as_deref(), Some("localhost"));
+        assert_eq!(r.reference, Reference::parse(DIGEST).unwrap());
+        let r = ImageRef::parse("library/alpine:3").unwrap();
+        assert_eq!((r.host, r.name.as_str()), (None, "library/alpine"));
+        assert!(ImageRef::parse("Alpine").is_err());
+        assert!(ImageRef::parse("alpine:").is_err());
+        assert!(ImageRef::parse("alpine@sha256:abc").is_err());
+        assert!(ImageRef::parse("bad_host.:1/x").is_err());
     }
 }

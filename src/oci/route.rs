@@ -163,9 +163,11 @@ fn parse_digest(digest: &str) -> Result<Digest, RouteError> {
 fn parse_reference(reference: &str) -> Result<Reference, RouteError> {
     Reference::parse(reference).map_err(|e| match e {
         ReferenceError::TagInvalid(_) => RouteError::TagInvalid(shown(reference)),
-        // Reference::parse yields only tag and digest errors; a name error
-        // cannot occur, but classifying it as a digest error is harmless.
-        ReferenceError::Digest(_) | ReferenceError::NameInvalid(_) => {
+        // Reference::parse yields only tag and digest errors; name and host
+        // errors cannot occur, but classifying them as digest errors is harmless.
+        ReferenceError::Digest(_)
+        | ReferenceError::NameInvalid(_)
+        | ReferenceError::HostInvalid(_) => {
             RouteError::DigestInvalid(shown(reference))
         }
     })

@@ -1,44 +1,193 @@
 //! Local-disk [`BlobStore`]: `<dir>/objects/sha256/<first two hex>/<hex>` for committed objects,
-//! `<dir>/tmp/` for ingests in progress. Both live on one filesystem, so commit is a rename.
+//! `<dir>/tmp/` for ingests in progress, `<dir>/lru` for the eviction order at the last save.
+//! Objects and temp files live on one filesystem, so commit is a rename.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use moka::sync::Cache;
 use tracing::{info, warn};
 
-use super::{BlobStore, Ingest, StoreError, StoredObject};
+use super::lru::{Evicted, LruIndex};
+use super::{BlobStore, Ingest, StoreError, StoredObject, Usage};
 use crate::oci::Digest;
 use crate::oci::digest::DigestVerifier;
 
+const ORDER_FILE: &str = "lru";
+const ORDER_HEADER: &str = "dockside-lru 1";
+
 pub struct DiskStore {
+    shared: Arc<Shared>,
+}
+
+/// What the store and its ingests share.
+struct Shared {
     root: PathBuf,
-    /// digest → size of every committed object. Rebuilt from the directory on start.
-    index: Cache<Digest, u64>,
-    bytes: Arc<AtomicU64>,
+    index: LruIndex,
+    /// Held while a name under `objects/` appears or disappears, so an eviction cannot unlink
+    /// a file that a concurrent commit of the same digest has just renamed into place.
+    namespace: Mutex<()>,
+    evicted_objects: AtomicU64,
+    evicted_bytes: AtomicU64,
 }
 
 impl DiskStore {
-    /// Open (creating if needed) a store under `root`: removes leftover temp files and rebuilds
-    /// the index from `objects/`.
-    pub fn open(root: &Path) -> io::Result<DiskStore> {
+    /// Open (creating if needed) a store under `root` holding at most `max_bytes`: removes
+    /// leftover temp files, rebuilds the index from `objects/` in the order saved in `lru`, and
+    /// evicts whatever no longer fits.
+    pub fn open(root: &Path, max_bytes: u64) -> io::Result<DiskStore> {
         let store = DiskStore {
-            root: root.to_path_buf(),
-            index: Cache::builder().build(),
-            bytes: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Shared {
+                root: root.to_path_buf(),
+                index: LruIndex::new(max_bytes),
+                namespace: Mutex::new(()),
+                evicted_objects: AtomicU64::new(0),
+                evicted_bytes: AtomicU64::new(0),
+            }),
         };
         store.clean_tmp()?;
-        fs::create_dir_all(store.objects_dir())?;
+        fs::create_dir_all(store.shared.objects_dir())?;
         store.rebuild_index()?;
         Ok(store)
     }
 
+    fn clean_tmp(&self) -> io::Result<()> {
+        let tmp = self.shared.tmp_dir();
+        if tmp.exists() {
+            let removed = fs::read_dir(&tmp)?.filter_map(Result::ok).count();
+            fs::remove_dir_all(&tmp)?;
+            if removed > 0 {
+                info!(removed, "removed leftover temp files from an earlier run");
+            }
+        }
+        fs::create_dir_all(&tmp)
+    }
+
+    /// Index every object on disk: those the saved order knows, in that order (their size is
+    /// taken from it: a digest names its content, so it names its size), then the newer ones by
+    /// modification time, which is when they were committed.
+    fn rebuild_index(&self) -> io::Result<()> {
+        let on_disk = self.list_object_names()?;
+        let saved = self.read_order().unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the saved eviction order; using file times");
+            Vec::new()
+        });
+        let mut remaining: HashSet<&Digest> = on_disk.iter().collect();
+        let mut order: Vec<(Digest, u64)> = Vec::with_capacity(on_disk.len());
+        for (digest, len) in saved {
+            if remaining.remove(&digest) {
+                order.push((digest, len));
+            }
+        }
+        let mut newer = Vec::with_capacity(remaining.len());
+        for digest in remaining {
+            let meta = fs::metadata(self.shared.object_path(digest))?;
+            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            newer.push((mtime, digest.clone(), meta.len()));
+        }
+        newer.sort();
+        order.extend(newer.into_iter().map(|(_, d, len)| (d, len)));
+        let mut evicted = Vec::new();
+        for (digest, len) in order {
+            evicted.extend(self.shared.index.insert(digest, len, 0));
+        }
+        self.shared.delete(evicted);
+        let (bytes, objects) = self.shared.index.usage();
+        info!(objects, bytes, "cache index rebuilt");
+        Ok(())
+    }
+
+    /// Names of the object files, checked to be digests; nothing is opened or stat'ed.
+    fn list_object_names(&self) -> io::Result<Vec<Digest>> {
+        let mut found = Vec::new();
+        for shard in fs::read_dir(self.shared.objects_dir())? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let parsed = name.to_str().and_then(|n| Digest::from_hex(n).ok());
+                match parsed {
+                    Some(digest) if entry.file_type()?.is_file() => found.push(digest),
+                    _ => warn!(path = %entry.path().display(), "ignoring unexpected file in cache"),
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn read_order(&self) -> io::Result<Vec<(Digest, u64)>> {
+        let path = self.shared.root.join(ORDER_FILE);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut lines = io::BufReader::new(file).lines();
+        if lines.next().transpose()?.as_deref() != Some(ORDER_HEADER) {
+            return Err(io::Error::other(format!("{}: unknown format", path.display())));
+        }
+        let mut order = Vec::new();
+        for line in lines {
+            let line = line?;
+            let parsed = line.split_once(' ').and_then(|(hex, len)| {
+                Some((Digest::from_hex(hex).ok()?, len.parse::<u64>().ok()?))
+            });
+            match parsed {
+                Some(entry) => order.push(entry),
+                None => warn!(path = %path.display(), %line, "ignoring a bad line"),
+            }
+        }
+        Ok(order)
+    }
+
+    /// Write the eviction order to `<dir>/lru` if it changed since the last save, atomically
+    /// (a crash leaves the previous save). Blocking; call it from a blocking thread.
+    pub fn save_order(&self) -> io::Result<bool> {
+        if !self.shared.index.changed() {
+            return Ok(false);
+        }
+        let order = self.shared.index.snapshot();
+        let tmp = self.tmp_probe_path();
+        let mut out = BufWriter::new(File::create(&tmp)?);
+        writeln!(out, "{ORDER_HEADER}")?;
+        for (digest, len) in &order {
+            writeln!(out, "{} {len}", digest.hex())?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.shared.root.join(ORDER_FILE))?;
+        Ok(true)
+    }
+
+    /// A scratch path on the cache's filesystem, for readiness checks and atomic writes.
+    pub fn tmp_probe_path(&self) -> PathBuf {
+        self.shared
+            .tmp_dir()
+            .join(format!("scratch.{:016x}", rand::random::<u64>()))
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.shared.root
+    }
+
+    /// The file of a committed object (for tools and tests; requests go through [`BlobStore`]).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.shared.object_path(digest)
+    }
+}
+
+impl Shared {
     fn objects_dir(&self) -> PathBuf {
         self.root.join("objects").join("sha256")
     }
@@ -52,91 +201,98 @@ impl DiskStore {
         self.objects_dir().join(&hex[..2]).join(hex)
     }
 
-    fn clean_tmp(&self) -> io::Result<()> {
-        let tmp = self.tmp_dir();
-        if tmp.exists() {
-            let removed = fs::read_dir(&tmp)?.filter_map(Result::ok).count();
-            fs::remove_dir_all(&tmp)?;
-            if removed > 0 {
-                info!(removed, "removed leftover temp files from an earlier run");
-            }
-        }
-        fs::create_dir_all(&tmp)
+    fn namespace(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.namespace.lock().expect("namespace lock")
     }
 
-    fn rebuild_index(&self) -> io::Result<()> {
-        for shard in fs::read_dir(self.objects_dir())? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
+    /// Unlink evicted objects. Blocking. A reader that has one open keeps reading it: the
+    /// file lives on until its last descriptor closes.
+    fn delete(&self, evicted: Evicted) {
+        if evicted.is_empty() {
+            return;
+        }
+        let _guard = self.namespace();
+        for (digest, len) in evicted {
+            // Evicted from the index, but re-committed since: the file is the new copy.
+            if self.index.get(&digest).is_some() {
                 continue;
             }
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let name = entry.file_name();
-                let parsed = name.to_str().and_then(|n| Digest::from_hex(n).ok());
-                match parsed {
-                    Some(digest) if entry.file_type()?.is_file() => {
-                        self.record(digest, entry.metadata()?.len());
-                    }
-                    _ => warn!(path = %entry.path().display(), "ignoring unexpected file in cache"),
-                }
+            match fs::remove_file(self.object_path(&digest)) {
+                Ok(()) => info!(%digest, bytes = len, "evicted"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(%digest, error = %e, "could not delete an evicted object"),
             }
+            self.evicted_objects.fetch_add(1, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        info!(
-            objects = self.index.entry_count(),
-            bytes = self.bytes.load(Ordering::Relaxed),
-            "cache index rebuilt"
-        );
+    }
+
+    /// fsync the data, rename it into place and index it, fsync the directory so the rename
+    /// survives a crash, then delete what the new object pushed out.
+    fn publish(&self, ingest: &mut DiskIngest, file: &File) -> Result<(), StoreError> {
+        (&*file).flush()?;
+        file.sync_all()?;
+        let dest = self.object_path(&ingest.digest);
+        let dir = dest.parent().expect("object paths have a shard directory");
+        let evicted = {
+            let _guard = self.namespace();
+            if !self.index.fits(ingest.written) {
+                return Err(StoreError::TooLarge {
+                    len: ingest.written,
+                    max: self.index.max_bytes(),
+                });
+            }
+            // Only the shard: if the cache root itself is gone, fail rather than recreate it.
+            match fs::create_dir(dir) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+            fs::rename(&ingest.tmp_path, &dest)?;
+            ingest.committed = true;
+            let reserved = std::mem::take(&mut ingest.reserved);
+            self.index
+                .insert(ingest.digest.clone(), ingest.written, reserved)
+        };
+        self.delete(evicted);
+        File::open(dir)?.sync_all()?;
         Ok(())
-    }
-
-    fn record(&self, digest: Digest, len: u64) {
-        if self.index.get(&digest).is_none() {
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        self.index.insert(digest, len);
-    }
-
-    /// A scratch path on the cache's filesystem, for readiness checks.
-    pub fn tmp_probe_path(&self) -> PathBuf {
-        self.tmp_dir()
-            .join(format!("ready.{:016x}", rand::random::<u64>()))
-    }
-
-    /// The file of a committed object (for tools and tests; requests go through [`BlobStore`]).
-    pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.object_path(digest)
     }
 }
 
 #[async_trait]
 impl BlobStore for DiskStore {
     fn size_of(&self, digest: &Digest) -> Option<u64> {
-        self.index.get(digest)
+        self.shared.index.get(digest)
     }
 
     async fn open(&self, digest: &Digest) -> Result<Option<StoredObject>, StoreError> {
-        if self.index.get(digest).is_none() {
+        if self.shared.index.touch(digest).is_none() {
             return Ok(None);
         }
-        match File::open(self.object_path(digest)) {
+        match File::open(self.shared.object_path(digest)) {
             Ok(file) => {
                 let len = file.metadata()?.len();
                 Ok(Some(StoredObject { file, len }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 warn!(%digest, "indexed object missing on disk; forgetting it");
-                self.index.invalidate(digest);
+                self.shared.index.remove(digest);
                 Ok(None)
             }
             Err(e) => Err(e.into()),
         }
     }
 
+    fn touch(&self, digest: &Digest) {
+        self.shared.index.touch(digest);
+    }
+
     fn ingest(&self, digest: &Digest) -> Result<Box<dyn Ingest>, StoreError> {
-        let tmp_path =
-            self.tmp_dir()
-                .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
+        let tmp_path = self.shared.tmp_dir().join(format!(
+            "{}.{:016x}",
+            digest.hex(),
+            rand::random::<u64>()
+        ));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -144,33 +300,66 @@ impl BlobStore for DiskStore {
         Ok(Box::new(DiskIngest {
             digest: digest.clone(),
             tmp_path,
-            final_path: self.object_path(digest),
             file: Some(Arc::new(file)),
             verifier: Some(DigestVerifier::new()),
             written: 0,
+            reserved: 0,
             committed: false,
-            index: self.index.clone(),
-            bytes: self.bytes.clone(),
+            shared: self.shared.clone(),
         }))
     }
 
-    fn usage(&self) -> (u64, u64) {
-        self.index.run_pending_tasks();
-        (self.bytes.load(Ordering::Relaxed), self.index.entry_count())
+    async fn remove(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let shared = self.shared.clone();
+        let digest = digest.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let _guard = shared.namespace();
+            let Some(len) = shared.index.remove(&digest) else {
+                return Ok(None);
+            };
+            match fs::remove_file(shared.object_path(&digest)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(Some(len)),
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(removed)
+    }
+
+    fn set_pins(&self, pins: HashSet<Digest>) {
+        let evicted = self.shared.index.set_pins(pins);
+        self.shared.delete(evicted);
+    }
+
+    fn list(&self) -> Vec<(Digest, u64)> {
+        self.shared.index.order()
+    }
+
+    fn usage(&self) -> Usage {
+        let (bytes, objects) = self.shared.index.usage();
+        Usage {
+            bytes,
+            objects,
+            max_bytes: self.shared.index.max_bytes(),
+            pinned_bytes: self.shared.index.pinned_bytes(),
+            evicted_objects: self.shared.evicted_objects.load(Ordering::Relaxed),
+            evicted_bytes: self.shared.evicted_bytes.load(Ordering::Relaxed),
+        }
     }
 }
 
 struct DiskIngest {
     digest: Digest,
     tmp_path: PathBuf,
-    final_path: PathBuf,
     file: Option<Arc<File>>,
     /// `None` once verified.
     verifier: Option<DigestVerifier>,
     written: u64,
+    /// Bytes set aside in the index for this object.
+    reserved: u64,
     committed: bool,
-    index: Cache<Digest, u64>,
-    bytes: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 impl DiskIngest {
@@ -185,6 +374,21 @@ impl DiskIngest {
 impl Ingest for DiskIngest {
     fn reader(&self) -> io::Result<File> {
         File::open(&self.tmp_path)
+    }
+
+    async fn reserve(&mut self, len: u64) -> Result<(), StoreError> {
+        let Some(evicted) = self.shared.index.reserve(len) else {
+            return Err(StoreError::TooLarge {
+                len,
+                max: self.shared.index.max_bytes(),
+            });
+        };
+        self.reserved += len;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.delete(evicted))
+            .await
+            .map_err(io::Error::other)?;
+        Ok(())
     }
 
     async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
@@ -226,37 +430,21 @@ impl Ingest for DiskIngest {
             return Err(io::Error::other("commit before verify").into());
         }
         let file = self.file.take().expect("commit runs once");
-        let (tmp, dest) = (self.tmp_path.clone(), self.final_path.clone());
-        tokio::task::spawn_blocking(move || publish(&file, &tmp, &dest))
-            .await
-            .map_err(io::Error::other)??;
-        self.committed = true;
-        if self.index.get(&self.digest).is_none() {
-            self.bytes.fetch_add(self.written, Ordering::Relaxed);
-        }
-        self.index.insert(self.digest.clone(), self.written);
-        Ok(self.written)
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.publish(&mut self, &file)?;
+            Ok(self.written)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
-}
-
-/// fsync the data, rename it into place, fsync the directory so the rename survives a crash.
-fn publish(file: &File, tmp: &Path, dest: &Path) -> io::Result<()> {
-    (&*file).flush()?;
-    file.sync_all()?;
-    let dir = dest.parent().expect("object paths have a shard directory");
-    // Only the shard: if the cache root itself is gone, fail rather than recreate it.
-    match fs::create_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-        _ => {}
-    }
-    fs::rename(tmp, dest)?;
-    File::open(dir)?.sync_all()
 }
 
 impl Drop for DiskIngest {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_file(&self.tmp_path);
+            self.shared.index.release(self.reserved);
         }
     }
 }
@@ -275,7 +463,7 @@ mod tests {
     #[tokio::test]
     async fn commit_makes_verified_object_visible() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path()).unwrap();
+        let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         let data = b"hello layer".to_vec();
         let digest = Digest::of(&data);
         assert!(store.open(&digest).await.unwrap().is_none());
@@ -283,13 +471,13 @@ mod tests {
         let obj = store.open(&digest).await.unwrap().unwrap();
         assert_eq!(obj.len, data.len() as u64);
         assert_eq!(read_all(obj.file), data);
-        assert_eq!(store.usage(), (data.len() as u64, 1));
+        assert_eq!((store.usage().bytes, store.usage().objects), (data.len() as u64, 1));
     }
 
     #[tokio::test]
     async fn mismatch_keeps_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path()).unwrap();
+        let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         let digest = Digest::of(b"expected");
         let err = store
             .put(&digest, Bytes::from_static(b"something else"))
@@ -304,7 +492,7 @@ mod tests {
     #[tokio::test]
     async fn readers_follow_growth_and_survive_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path()).unwrap();
+        let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         let digest = Digest::of(b"abcdef");
         let mut ingest = store.ingest(&digest).unwrap();
         let reader = ingest.reader().unwrap();
@@ -324,7 +512,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let digest = Digest::of(b"kept");
         {
-            let store = DiskStore::open(dir.path()).unwrap();
+            let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
             store
                 .put(&digest, Bytes::from_static(b"kept"))
                 .await
@@ -334,9 +522,115 @@ mod tests {
         }
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         fs::write(dir.path().join("objects/sha256/zz-not-a-digest"), b"x").unwrap();
-        let store = DiskStore::open(dir.path()).unwrap();
+        let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(store.size_of(&digest), Some(4));
-        assert_eq!(store.usage(), (4, 1));
+        assert_eq!((store.usage().bytes, store.usage().objects), (4, 1));
+    }
+
+    async fn put_all(store: &DiskStore, blobs: &[&[u8]]) -> Vec<Digest> {
+        let mut digests = Vec::new();
+        for blob in blobs {
+            let digest = Digest::of(blob);
+            store
+                .put(&digest, Bytes::copy_from_slice(blob))
+                .await
+                .unwrap();
+            digests.push(digest);
+        }
+        digests
+    }
+
+    #[tokio::test]
+    async fn eviction_deletes_the_least_recently_served_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 30).unwrap();
+        let d = put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
+        store.open(&d[0]).await.unwrap().unwrap();
+        let reader = store.open(&d[1]).await.unwrap().unwrap();
+        put_all(&store, &[&[4; 10]]).await;
+        assert!(!store.path_of(&d[2]).exists());
+        assert!(store.path_of(&d[0]).exists());
+        assert_eq!(store.usage().bytes, 30);
+        // A reader of an object evicted under it still gets all its bytes.
+        put_all(&store, &[&[5; 10], &[6; 10]]).await;
+        assert!(!store.path_of(&d[1]).exists());
+        assert_eq!(read_all(reader.file), vec![2; 10]);
+        assert_eq!(store.usage().evicted_objects, 3);
+    }
+
+    #[tokio::test]
+    async fn eviction_order_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = {
+            let store = DiskStore::open(dir.path(), 100).unwrap();
+            let d = put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
+            store.open(&d[0]).await.unwrap();
+            assert!(store.save_order().unwrap());
+            assert!(!store.save_order().unwrap(), "nothing changed since");
+            d
+        };
+        // Committed after the last save: newer than everything the save knows.
+        {
+            let store = DiskStore::open(dir.path(), 100).unwrap();
+            put_all(&store, &[&[4; 10]]).await;
+        }
+        let store = DiskStore::open(dir.path(), 100).unwrap();
+        let order: Vec<Digest> = store.list().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(order[..3], [d[1].clone(), d[2].clone(), d[0].clone()]);
+        assert_eq!(order[3], Digest::of(&[4; 10]));
+    }
+
+    #[tokio::test]
+    async fn a_smaller_limit_evicts_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DiskStore::open(dir.path(), 100).unwrap();
+            put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
+        }
+        let store = DiskStore::open(dir.path(), 20).unwrap();
+        assert_eq!((store.usage().bytes, store.usage().objects), (20, 2));
+        assert!(!store.path_of(&Digest::of(&[1; 10])).exists());
+    }
+
+    #[tokio::test]
+    async fn an_object_larger_than_the_cache_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 10).unwrap();
+        let kept = put_all(&store, &[&[1; 5]]).await;
+        let big = vec![7u8; 11];
+        let digest = Digest::of(&big);
+        let mut ingest = store.ingest(&digest).unwrap();
+        assert!(matches!(
+            ingest.reserve(11).await,
+            Err(StoreError::TooLarge { len: 11, max: 10 })
+        ));
+        let err = store.put(&digest, big.into()).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }));
+        assert!(!store.path_of(&digest).exists());
+        assert!(store.path_of(&kept[0]).exists(), "nothing evicted for it");
+    }
+
+    #[tokio::test]
+    async fn pinned_objects_are_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 20).unwrap();
+        let d = put_all(&store, &[&[1; 10], &[2; 10]]).await;
+        store.set_pins([d[0].clone()].into());
+        put_all(&store, &[&[3; 10]]).await;
+        assert!(store.path_of(&d[0]).exists());
+        assert!(!store.path_of(&d[1]).exists());
+        assert_eq!(store.usage().pinned_bytes, 10);
+    }
+
+    #[tokio::test]
+    async fn remove_deletes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 100).unwrap();
+        let d = put_all(&store, &[&[1; 10]]).await;
+        assert_eq!(store.remove(&d[0]).await.unwrap(), Some(10));
+        assert_eq!(store.remove(&d[0]).await.unwrap(), None);
+        assert!(!store.path_of(&d[0]).exists());
+        assert_eq!(store.usage().bytes, 0);
     }
 }

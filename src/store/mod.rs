@@ -5,7 +5,9 @@
 //! against the digest the ingest was opened for, so the store never holds a mismatched object.
 
 pub mod disk;
+pub mod lru;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 
@@ -20,6 +22,8 @@ pub use disk::DiskStore;
 pub enum StoreError {
     #[error("content does not match {expected}: got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    #[error("{len} bytes cannot be kept in a cache of {max} bytes (less what is pinned)")]
+    TooLarge { len: u64, max: u64 },
     #[error("cache I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -35,7 +39,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The size of a committed object, if present.
     fn size_of(&self, digest: &Digest) -> Option<u64>;
 
-    /// Open a committed object. `Ok(None)` when it is not in the store.
+    /// Open a committed object, counting as a use for eviction. `Ok(None)` when it is not in
+    /// the store.
     async fn open(&self, digest: &Digest) -> Result<Option<StoredObject>, StoreError>;
 
     /// Start writing an object that must hash to `digest`. Dropping the ingest without a
@@ -51,8 +56,31 @@ pub trait BlobStore: Send + Sync + 'static {
         ingest.commit().await.map(|_| ())
     }
 
-    /// Total bytes and count of committed objects.
-    fn usage(&self) -> (u64, u64);
+    /// Count a use of an object served without opening it (a manifest from memory).
+    fn touch(&self, digest: &Digest);
+
+    /// Delete a committed object; its size if it was there.
+    async fn remove(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// Objects that must never be evicted; replaces the previous set.
+    fn set_pins(&self, pins: HashSet<Digest>);
+
+    /// Every committed object with its size, the next to be evicted first.
+    fn list(&self) -> Vec<(Digest, u64)>;
+
+    fn usage(&self) -> Usage;
+}
+
+/// What the store holds and has let go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub objects: u64,
+    pub max_bytes: u64,
+    pub pinned_bytes: u64,
+    /// Since start.
+    pub evicted_objects: u64,
+    pub evicted_bytes: u64,
 }
 
 /// An object being written. Readers may follow its growth through [`Ingest::reader`].
@@ -61,6 +89,11 @@ pub trait Ingest: Send {
     /// A new read handle on the bytes written so far (and later): valid even after commit
     /// renames the file or an abort unlinks it.
     fn reader(&self) -> io::Result<File>;
+
+    /// Set aside room for an object of `len` bytes before writing it, evicting others as
+    /// needed. [`StoreError::TooLarge`] when it can never be kept: it may still be written and
+    /// verified (readers may be following it), but it will not commit.
+    async fn reserve(&mut self, len: u64) -> Result<(), StoreError>;
 
     /// Append bytes. They are readable through [`Ingest::reader`] handles once this returns.
     async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError>;
