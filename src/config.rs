@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use url::Url;
 
+use crate::oci::ImageRef;
 use crate::oci::route::valid_registry_host;
 
 /// The configuration used when none is given; also a commented example.
@@ -39,6 +40,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// The resolved canonical name of an entry in `upstreams`.
     pub default_upstream: String,
+    /// The top-level `offline`; each upstream carries its resolved value.
+    pub offline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,8 @@ pub struct CacheConfig {
     /// Bytes, always > 0.
     pub max_size: u64,
     pub tag_ttl: Duration,
+    /// Images whose manifests and blobs are never evicted; each host names a configured upstream.
+    pub pin: Vec<ImageRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +69,8 @@ pub struct UpstreamConfig {
     /// This upstream's own tag_ttl, or `cache.tag_ttl`.
     pub tag_ttl: Duration,
     pub timeouts: Timeouts,
+    /// Never contacted: answers come from the cache alone.
+    pub offline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +207,8 @@ struct RawConfig {
     cache: RawCache,
     upstreams: Vec<RawUpstream>,
     default_upstream: Option<String>,
+    #[serde(default)]
+    offline: bool,
 }
 
 #[derive(Deserialize)]
@@ -208,6 +217,8 @@ struct RawCache {
     dir: String,
     max_size: Scalar,
     tag_ttl: Option<Scalar>,
+    #[serde(default)]
+    pin: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +235,7 @@ struct RawUpstream {
     ca_file: Option<String>,
     tag_ttl: Option<Scalar>,
     timeouts: Option<RawTimeouts>,
+    offline: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -332,10 +344,12 @@ impl Check<'_> {
             None => DEFAULT_GRACE_PERIOD,
         };
         let threads = self.threads(raw.threads)?;
-        let cache = self.cache(&raw.cache)?;
-        let upstreams = self.upstreams(&raw.upstreams, cache.tag_ttl)?;
+        let mut cache = self.cache(&raw.cache)?;
+        let upstreams = self.upstreams(&raw.upstreams, cache.tag_ttl, raw.offline)?;
+        cache.pin = self.pins(&raw.cache.pin, &upstreams)?;
         let default_upstream = self.default_upstream(raw.default_upstream, &upstreams)?;
         Ok(Config {
+            offline: raw.offline,
             listen,
             admin_listen,
             grace_period,
@@ -418,7 +432,33 @@ impl Check<'_> {
             dir: PathBuf::from(&raw.dir),
             max_size,
             tag_ttl,
+            pin: Vec::new(),
         })
+    }
+
+    fn pins(
+        &self,
+        raw: &[String],
+        upstreams: &[UpstreamConfig],
+    ) -> Result<Vec<ImageRef>, ConfigError> {
+        raw.iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let key = format!("cache.pin[{i}]");
+                let image = ImageRef::parse(text).map_err(|e| self.invalid(&key, e.to_string()))?;
+                let host = image.host.as_deref();
+                let known = |u: &UpstreamConfig| {
+                    Some(u.name.as_str()) == host
+                        || u.aliases.iter().any(|a| Some(a.as_str()) == host)
+                };
+                if host.is_some() && !upstreams.iter().any(known) {
+                    return Err(
+                        self.invalid(&key, format!("{text:?} names no configured upstream"))
+                    );
+                }
+                Ok(image)
+            })
+            .collect()
     }
 
     fn size(&self, key: &str, raw: &Scalar) -> Result<u64, ConfigError> {
@@ -467,6 +507,7 @@ impl Check<'_> {
         &self,
         raw: &[RawUpstream],
         default_ttl: Duration,
+        default_offline: bool,
     ) -> Result<Vec<UpstreamConfig>, ConfigError> {
         if raw.is_empty() {
             return Err(self.invalid(
@@ -477,7 +518,11 @@ impl Check<'_> {
         let upstreams = raw
             .iter()
             .enumerate()
-            .map(|(i, u)| self.upstream(&format!("upstreams[{i}]"), u, default_ttl))
+            .map(|(i, u)| {
+                let mut upstream = self.upstream(&format!("upstreams[{i}]"), u, default_ttl)?;
+                upstream.offline = u.offline.unwrap_or(default_offline);
+                Ok(upstream)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.unique_names(&upstreams)?;
         Ok(upstreams)
@@ -508,6 +553,7 @@ impl Check<'_> {
             ca_file: self.ca_file(&format!("{key}.ca_file"), raw.ca_file.as_deref())?,
             tag_ttl,
             timeouts: self.timeouts(&format!("{key}.timeouts"), raw.timeouts.as_ref())?,
+            offline: false,
         })
     }
 
@@ -1163,6 +1209,38 @@ default_upstream: index.docker.io
         assert_eq!(redact_userinfo("https://h/p@q"), "https://h/p@q");
         assert_eq!(redact_userinfo("no scheme@x"), "no scheme@x");
         assert_eq!(redact_userinfo("http://a@b@c"), "http://***@c");
+    }
+
+    #[test]
+    fn offline_is_inherited_unless_an_upstream_says_otherwise() {
+        let two = format!(
+            "offline: true\n{MINIMAL}  - name: ghcr.io\n    url: https://ghcr.io\n    offline: false\n"
+        );
+        let config = parse(&two).unwrap();
+        assert!(config.offline);
+        assert!(config.upstreams[0].offline);
+        assert!(!config.upstreams[1].offline);
+        assert!(!parse(MINIMAL).unwrap().upstreams[0].offline);
+    }
+
+    #[test]
+    fn pins_are_image_references_on_configured_upstreams() {
+        let with_pins = |pins: &str| {
+            MINIMAL.replace("max_size: 1GiB", &format!("max_size: 1GiB\n  pin: {pins}"))
+        };
+        let config = parse(&with_pins("[alpine, 'docker.io/library/busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855']")).unwrap();
+        assert_eq!(config.cache.pin.len(), 2);
+        assert_eq!(config.cache.pin[0].to_string(), "alpine:latest");
+        let msg = err(&with_pins("[quay.io/x/y]"));
+        assert_contains(
+            &msg,
+            &[
+                "cache.pin[0]",
+                "\"quay.io/x/y\" names no configured upstream",
+            ],
+        );
+        let msg = err(&with_pins("['alpine:']"));
+        assert_contains(&msg, &["cache.pin[0]", "invalid tag"]);
     }
 
     #[test]

@@ -127,13 +127,23 @@ impl ApiError {
     }
 
     /// An upstream failure seen while fetching `what`; `not_found` is what a 404 means here.
+    /// The upstream could not answer (down, slow, throttling): a cached answer may stand in.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            ApiError::UpstreamUnavailable { .. }
+                | ApiError::UpstreamTimeout { .. }
+                | ApiError::TooManyRequests { .. }
+        )
+    }
+
     pub fn from_upstream(err: &UpstreamError, not_found: ApiError) -> ApiError {
         let upstream = err.upstream.to_string();
         let message = err.kind.to_string();
         match &err.kind {
             // Any other 4xx is the upstream's definite answer about this object (e.g. no
             // manifest of a type the client accepts), not an outage.
-            UpstreamErrorKind::NotFound => not_found,
+            UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => not_found,
             UpstreamErrorKind::Status(code) if (400..500).contains(code) => not_found,
             UpstreamErrorKind::Unauthorized(_) => ApiError::Unauthorized { upstream, message },
             UpstreamErrorKind::Denied(_) => ApiError::Denied { upstream, message },

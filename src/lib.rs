@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod fill;
+pub mod inventory;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -2,6 +2,7 @@
 //! (status, headers, body source) out. Manifests are small and kept in memory as well as on disk;
 //! blobs stream from disk or from a fill in flight.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,11 +10,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use http::{Method, StatusCode};
 use moka::sync::Cache;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::fill::{BlobBody, BlobSource, Fills, content_length, wait_started};
+use crate::inventory;
 use crate::metrics::Metrics;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::route::{self, Route, Target};
@@ -140,8 +142,13 @@ pub struct Mirror {
     manifests: Cache<Digest, Arc<Manifest>>,
     manifest_flights: SingleFlight<Digest, Result<Arc<Manifest>, ApiError>>,
     tag_flights: SingleFlight<TagKey, ManifestResult>,
+    /// `cache.pin`, resolved to upstream and repository.
+    pins: Vec<(Arc<str>, RepoName, Reference)>,
     metrics: Arc<Metrics>,
 }
+
+/// How often the eviction order is saved and pins are looked up again.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
 
 impl Mirror {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mirror>> {
@@ -149,8 +156,17 @@ impl Mirror {
         let store = Arc::new(
             DiskStore::open(&config.cache.dir, config.cache.max_size).map_err(cache_error)?,
         );
+        let upstreams = Upstreams::new(config, metrics.clone())?;
+        let mut pins = Vec::new();
+        for image in &config.cache.pin {
+            let (upstream, name) = upstreams
+                .resolve(image.host.as_deref(), &image.name)
+                .map_err(|e| anyhow::anyhow!("cache.pin {image}: {e}"))?;
+            pins.push((upstream.name.clone(), name, image.reference.clone()));
+        }
         let mirror = Mirror {
-            upstreams: Upstreams::new(config, metrics.clone())?,
+            upstreams,
+            pins,
             fills: Fills::new(store.clone(), metrics.clone()),
             store,
             tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
@@ -162,8 +178,58 @@ impl Mirror {
             tag_flights: SingleFlight::new(),
             metrics,
         };
+        mirror.refresh_pins();
         mirror.metrics.record_usage(mirror.store.usage());
         Ok(Arc::new(mirror))
+    }
+
+    pub fn tags(&self) -> &TagCache {
+        &self.tags
+    }
+
+    /// Find every object of the pinned images in the cache and protect it from eviction.
+    /// Blocking (reads manifests from disk).
+    pub fn refresh_pins(&self) {
+        if self.pins.is_empty() {
+            return;
+        }
+        let mut pinned = HashSet::new();
+        for (upstream, name, reference) in &self.pins {
+            let roots = inventory::roots(&self.tags, upstream, name, reference);
+            pinned.extend(inventory::closure(&self.store, roots, None).all().cloned());
+        }
+        self.store.set_pins(pinned);
+        self.metrics.record_usage(self.store.usage());
+    }
+
+    /// Save what must outlive the process: the eviction order. Blocking.
+    pub fn save_state(&self) {
+        match self.store.save_order() {
+            Ok(true) => debug!("eviction order saved"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "could not save the eviction order"),
+        }
+    }
+
+    /// A thread that saves state and refreshes pins every [`MAINTENANCE_EVERY`], for as long
+    /// as the mirror lives.
+    pub fn start_maintenance(self: &Arc<Self>) {
+        let mirror = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("dockside-maintenance".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(MAINTENANCE_EVERY);
+                    let Some(mirror) = mirror.upgrade() else {
+                        return;
+                    };
+                    mirror.refresh_pins();
+                    mirror.save_state();
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the maintenance thread; eviction order is saved at exit only");
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -416,6 +482,12 @@ impl Mirror {
             tag: tag.clone(),
             accept,
         };
+        if upstream.offline {
+            let cached = self.tag_from_cache(&key).await;
+            return cached
+                .map(|m| (m, Outcome::Hit))
+                .ok_or_else(|| manifest_unknown(&key));
+        }
         let known = self.tags.get(&key);
         if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {
             if let Some(m) = self.cached_manifest(&entry.digest).await {
@@ -442,16 +514,24 @@ impl Mirror {
         known: Option<TagEntry>,
     ) -> ManifestResult {
         let Some(known) = known else {
-            let m = self
-                .fetch_manifest(
-                    upstream,
-                    &key.name,
-                    &Reference::Tag(key.tag.clone()),
-                    key.accept,
-                )
-                .await?;
-            self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
-            return Ok((m, Outcome::Miss));
+            let reference = Reference::Tag(key.tag.clone());
+            let fetched = self
+                .fetch_manifest(upstream, &key.name, &reference, key.accept)
+                .await;
+            return match fetched {
+                Ok(m) => {
+                    self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
+                    Ok((m, Outcome::Miss))
+                }
+                Err(err) if err.is_upstream_failure() => {
+                    // Never asked with this client's Accept set, but maybe with another one
+                    // whose answer this client can take.
+                    let cached = self.tag_from_cache(&key).await.ok_or(err)?;
+                    self.count_stale(upstream);
+                    Ok((cached, Outcome::Stale))
+                }
+                Err(err) => Err(err),
+            };
         };
         let head = upstream
             .manifest(
@@ -501,14 +581,36 @@ impl Mirror {
         };
         warn!(upstream = %upstream.name, name = %key.name, tag = %key.tag, error = %err,
               digest = %known.digest, "upstream failed; serving the cached tag");
-        self.metrics
-            .stale_served
-            .with_label_values(&[&upstream.name])
-            .inc();
+        self.count_stale(upstream);
         // Don't ask a failing upstream on every request; try again after a short while.
         self.tags
             .insert(key, known.digest, upstream.tag_ttl.min(STALE_RETRY));
         Ok((m, Outcome::Stale))
+    }
+
+    fn count_stale(&self, upstream: &Upstream) {
+        self.metrics
+            .stale_served
+            .with_label_values(&[&upstream.name])
+            .inc();
+    }
+
+    /// A tag answered from the cache alone: the answer for this Accept set, else any cached
+    /// answer of a type this client accepts.
+    async fn tag_from_cache(&self, key: &TagKey) -> Option<Arc<Manifest>> {
+        if let Some(entry) = self.tags.get(key) {
+            if let Some(m) = self.cached_manifest(&entry.digest).await {
+                return Some(m);
+            }
+        }
+        for (_, entry) in self.tags.answers(&key.upstream, &key.name, &key.tag) {
+            if let Some(m) = self.cached_manifest(&entry.digest).await {
+                if key.accept.accepts(&m.media_type) {
+                    return Some(m);
+                }
+            }
+        }
+        None
     }
 
     async fn blob(

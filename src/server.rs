@@ -163,6 +163,7 @@ pub fn run(config: Config, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Re
     check_listen_addresses(&config)?;
     let metrics = Arc::new(Metrics::new());
     let mirror = Mirror::new(&config, metrics)?;
+    mirror.start_maintenance();
 
     let grace = config.grace_period.as_secs().max(1);
     let mut conf = ServerConf {
@@ -207,6 +208,7 @@ pub fn run(config: Config, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Re
     server.run(RunArgs {
         shutdown_signal: shutdown,
     });
+    mirror.save_state();
     info!("dockside stopped");
     Ok(())
 }

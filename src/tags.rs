@@ -71,7 +71,12 @@ impl TagCache {
 
     /// Every answer known for a tag, whatever the accept set it was asked with: for serving a
     /// tag from the cache alone, to a client whose accept set was never asked upstream.
-    pub fn answers(&self, upstream: &str, name: &RepoName, tag: &Tag) -> Vec<(AcceptSet, TagEntry)> {
+    pub fn answers(
+        &self,
+        upstream: &str,
+        name: &RepoName,
+        tag: &Tag,
+    ) -> Vec<(AcceptSet, TagEntry)> {
         let dir = self.tag_dir(upstream, name, tag);
         let Ok(files) = fs::read_dir(&dir) else {
             return Vec::new();
@@ -147,7 +152,10 @@ fn write_entry(path: &Path, entry: &TagEntry, ttl: Duration) -> io::Result<()> {
     let dir = path.parent().expect("answer paths have a directory");
     fs::create_dir_all(dir)?;
     let until = SystemTime::now() + ttl;
-    let secs = until.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let secs = until
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let tmp = dir.join(format!(".tmp.{:016x}", rand::random::<u64>()));
     fs::write(&tmp, format!("{} {secs}\n", entry.digest))?;
     fs::rename(&tmp, path)

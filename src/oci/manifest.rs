@@ -88,7 +88,12 @@ pub fn children(body: &[u8]) -> Option<Children> {
             .iter()
             .filter_map(|d| Some((parse(d)?, d.platform.clone())))
             .collect(),
-        blobs: shape.config.iter().chain(&shape.layers).filter_map(parse).collect(),
+        blobs: shape
+            .config
+            .iter()
+            .chain(&shape.layers)
+            .filter_map(parse)
+            .collect(),
     })
 }
 
@@ -108,7 +113,11 @@ mod tests {
         assert_eq!(c.manifests.len(), 1);
         let platform = c.manifests[0].1.clone().unwrap();
         assert!(Platform::parse("linux/arm64").unwrap().matches(&platform));
-        assert!(!Platform::parse("linux/arm64/v7").unwrap().matches(&platform));
+        assert!(
+            !Platform::parse("linux/arm64/v7")
+                .unwrap()
+                .matches(&platform)
+        );
         assert!(c.blobs.is_empty());
     }
 
@@ -124,7 +133,10 @@ mod tests {
 
     #[test]
     fn platform_text() {
-        assert_eq!(Platform::parse("linux/amd64").unwrap().to_string(), "linux/amd64");
+        assert_eq!(
+            Platform::parse("linux/amd64").unwrap().to_string(),
+            "linux/amd64"
+        );
         assert!(Platform::parse("linux").is_none());
         assert!(Platform::parse("linux/arm/").is_none());
         assert!(Platform::parse("a/b/c/d").is_none());

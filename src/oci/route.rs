@@ -167,9 +167,7 @@ fn parse_reference(reference: &str) -> Result<Reference, RouteError> {
         // errors cannot occur, but classifying them as digest errors is harmless.
         ReferenceError::Digest(_)
         | ReferenceError::NameInvalid(_)
-        | ReferenceError::HostInvalid(_) => {
-            RouteError::DigestInvalid(shown(reference))
-        }
+        | ReferenceError::HostInvalid(_) => RouteError::DigestInvalid(shown(reference)),
     })
 }
 

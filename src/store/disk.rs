@@ -134,7 +134,10 @@ impl DiskStore {
         };
         let mut lines = io::BufReader::new(file).lines();
         if lines.next().transpose()?.as_deref() != Some(ORDER_HEADER) {
-            return Err(io::Error::other(format!("{}: unknown format", path.display())));
+            return Err(io::Error::other(format!(
+                "{}: unknown format",
+                path.display()
+            )));
         }
         let mut order = Vec::new();
         for line in lines {
@@ -288,11 +291,10 @@ impl BlobStore for DiskStore {
     }
 
     fn ingest(&self, digest: &Digest) -> Result<Box<dyn Ingest>, StoreError> {
-        let tmp_path = self.shared.tmp_dir().join(format!(
-            "{}.{:016x}",
-            digest.hex(),
-            rand::random::<u64>()
-        ));
+        let tmp_path =
+            self.shared
+                .tmp_dir()
+                .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -471,7 +473,10 @@ mod tests {
         let obj = store.open(&digest).await.unwrap().unwrap();
         assert_eq!(obj.len, data.len() as u64);
         assert_eq!(read_all(obj.file), data);
-        assert_eq!((store.usage().bytes, store.usage().objects), (data.len() as u64, 1));
+        assert_eq!(
+            (store.usage().bytes, store.usage().objects),
+            (data.len() as u64, 1)
+        );
     }
 
     #[tokio::test]

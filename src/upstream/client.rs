@@ -32,6 +32,8 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     /// Docker Hub: one-component names mean `library/<name>`.
     pub library_prefix: bool,
+    /// `offline: true`: never contacted.
+    pub offline: bool,
     base: Url,
     http: reqwest::Client,
     credentials: Option<Credentials>,
@@ -75,6 +77,7 @@ impl Upstream {
             name,
             tag_ttl: cfg.tag_ttl,
             library_prefix,
+            offline: cfg.offline,
             base: cfg.url.clone(),
             http,
             credentials: cfg.credentials.clone(),
@@ -134,6 +137,9 @@ impl Upstream {
         query: Option<&str>,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        if self.offline {
+            return Err(self.error(UpstreamErrorKind::Offline));
+        }
         let mut url = self
             .base
             .join(&format!("/v2/{path}"))

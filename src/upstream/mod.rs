@@ -48,6 +48,8 @@ pub enum UpstreamErrorKind {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("cache write failed: {0}")]
     Store(String),
+    #[error("is offline (offline: true); only cached content is served")]
+    Offline,
 }
 
 impl UpstreamError {

@@ -55,6 +55,10 @@ pub struct Config {
     pub default_upstream: Option<String>,
     pub tag_ttl: String,
     pub max_size: String,
+    /// Top-level `offline:`.
+    pub offline: bool,
+    /// `cache.pin` entries.
+    pub pin: Vec<String>,
 }
 
 impl Config {
@@ -65,6 +69,8 @@ impl Config {
             default_upstream,
             tag_ttl: "5m".into(),
             max_size: "10GiB".into(),
+            offline: false,
+            pin: Vec::new(),
         }
     }
 
@@ -91,6 +97,18 @@ impl Config {
             self.max_size,
             self.tag_ttl
         );
+        if !self.pin.is_empty() {
+            y = y.replace(
+                "upstreams:\n",
+                &format!(
+                    "  pin: {}\nupstreams:\n",
+                    serde_json::to_string(&self.pin).unwrap()
+                ),
+            );
+        }
+        if self.offline {
+            y.insert_str(0, "offline: true\n");
+        }
         for u in &self.upstreams {
             y += &format!("  - name: {}\n    url: {}\n", q(&u.name), q(&u.url));
             if !u.aliases.is_empty() {

@@ -1,0 +1,94 @@
+//! What the cache holds, seen as images rather than objects: from a manifest (found by digest, or
+//! by a tag's saved answers) down through index children to configs and layers. Used to pin
+//! images, and by the tools that export and report on the cache.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::Read;
+
+use crate::mirror::MANIFEST_LIMIT;
+use crate::oci::manifest::{self, Platform};
+use crate::oci::{Digest, Reference, RepoName};
+use crate::store::DiskStore;
+use crate::tags::TagCache;
+
+/// A manifest's bytes from the store, if it is there and no bigger than a manifest may be.
+/// Blocking.
+pub fn read_manifest(store: &DiskStore, digest: &Digest) -> Option<Vec<u8>> {
+    let file = std::fs::File::open(store.path_of(digest)).ok()?;
+    let mut body = Vec::new();
+    file.take(MANIFEST_LIMIT + 1).read_to_end(&mut body).ok()?;
+    (body.len() as u64 <= MANIFEST_LIMIT).then_some(body)
+}
+
+/// Every object an image needs, as far as the cache can tell.
+#[derive(Debug, Default)]
+pub struct Closure {
+    pub manifests: BTreeSet<Digest>,
+    pub blobs: BTreeSet<Digest>,
+    /// Manifests referred to but not in the cache (so their blobs are unknown too).
+    pub missing: BTreeSet<Digest>,
+}
+
+impl Closure {
+    pub fn all(&self) -> impl Iterator<Item = &Digest> {
+        self.manifests.iter().chain(&self.blobs)
+    }
+}
+
+/// Walk from `roots` (manifests or indexes) through the cache. With `platforms`, an index
+/// contributes only the children for those platforms (and children without a platform).
+/// Blocking.
+pub fn closure(
+    store: &DiskStore,
+    roots: impl IntoIterator<Item = Digest>,
+    platforms: Option<&[Platform]>,
+) -> Closure {
+    let mut out = Closure::default();
+    let mut queue: Vec<Digest> = roots.into_iter().collect();
+    let mut seen = HashSet::new();
+    while let Some(digest) = queue.pop() {
+        if !seen.insert(digest.clone()) {
+            continue;
+        }
+        let Some(body) = read_manifest(store, &digest) else {
+            out.missing.insert(digest);
+            continue;
+        };
+        out.manifests.insert(digest);
+        let Some(children) = manifest::children(&body) else {
+            continue;
+        };
+        for (child, platform) in children.manifests {
+            if wanted(platforms, platform.as_ref()) {
+                queue.push(child);
+            }
+        }
+        out.blobs.extend(children.blobs);
+    }
+    out
+}
+
+pub fn wanted(platforms: Option<&[Platform]>, platform: Option<&Platform>) -> bool {
+    match (platforms, platform) {
+        (Some(wanted), Some(p)) => wanted.iter().any(|w| w.matches(p)),
+        _ => true,
+    }
+}
+
+/// The manifests a reference points at in the cache: a digest itself, or every saved answer
+/// for a tag (one per Accept set it was asked with).
+pub fn roots(
+    tags: &TagCache,
+    upstream: &str,
+    name: &RepoName,
+    reference: &Reference,
+) -> Vec<Digest> {
+    match reference {
+        Reference::Digest(d) => vec![d.clone()],
+        Reference::Tag(tag) => tags
+            .answers(upstream, name, tag)
+            .into_iter()
+            .map(|(_, entry)| entry.digest)
+            .collect(),
+    }
+}
