@@ -9,7 +9,7 @@ use crate::mirror::MANIFEST_LIMIT;
 use crate::oci::manifest::{self, Platform};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::store::DiskStore;
-use crate::tags::TagCache;
+use crate::tags::{SavedTag, TagCache};
 
 /// A manifest's bytes from the store, if it is there and no bigger than a manifest may be.
 /// Blocking.
@@ -91,4 +91,70 @@ pub fn roots(
             .map(|(_, entry)| entry.digest)
             .collect(),
     }
+}
+
+/// One repository as the saved tag answers describe it.
+#[derive(Debug, serde::Serialize)]
+pub struct RepositoryReport {
+    pub upstream: String,
+    pub repository: String,
+    pub tags: Vec<TagReport>,
+    /// Bytes of every cached object its tags lead to (objects shared with other repositories
+    /// are counted in each).
+    pub bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct TagReport {
+    pub tag: String,
+    /// One per Accept set the tag was asked with; usually one.
+    pub digests: Vec<String>,
+}
+
+/// Every repository with a saved tag answer, with its tags and cached size. Blocking.
+pub fn repositories(store: &DiskStore, tags: &TagCache) -> Vec<RepositoryReport> {
+    let saved = tags.list();
+    let mut reports: Vec<RepositoryReport> = Vec::new();
+    for group in saved.chunk_by(|a, b| (&a.upstream, &a.name) == (&b.upstream, &b.name)) {
+        let mut tag_reports: Vec<TagReport> = Vec::new();
+        for same_tag in group.chunk_by(|a, b| a.tag == b.tag) {
+            let mut digests: Vec<String> = same_tag.iter().map(|t| t.digest.to_string()).collect();
+            digests.sort();
+            digests.dedup();
+            tag_reports.push(TagReport {
+                tag: same_tag[0].tag.to_string(),
+                digests,
+            });
+        }
+        let roots = group.iter().map(|t| t.digest.clone());
+        let bytes = closure(store, roots, None)
+            .all()
+            .filter_map(|d| crate::store::BlobStore::size_of(store, d))
+            .sum();
+        reports.push(RepositoryReport {
+            upstream: group[0].upstream.to_string(),
+            repository: group[0].name.to_string(),
+            tags: tag_reports,
+            bytes,
+        });
+    }
+    reports
+}
+
+/// The objects only `selected` tag answers lead to: their closure less everything any other
+/// saved answer still needs. Blocking.
+pub fn exclusive_objects(
+    store: &DiskStore,
+    all: &[SavedTag],
+    selected: impl Fn(&SavedTag) -> bool,
+) -> BTreeSet<Digest> {
+    let (chosen, rest): (Vec<&SavedTag>, Vec<&SavedTag>) = all.iter().partition(|t| selected(t));
+    let doomed = closure(store, chosen.iter().map(|t| t.digest.clone()), None);
+    let kept = closure(store, rest.iter().map(|t| t.digest.clone()), None);
+    let kept: HashSet<&Digest> = kept.all().collect();
+    doomed
+        .all()
+        .filter(|d| !kept.contains(d))
+        .cloned()
+        .collect()
 }

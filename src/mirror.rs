@@ -22,7 +22,7 @@ use crate::oci::route::{self, Route, Target};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::singleflight::SingleFlight;
 use crate::store::{BlobStore, DiskStore};
-use crate::tags::{TagCache, TagEntry, TagKey};
+use crate::tags::{SavedTag, TagCache, TagEntry, TagKey};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
 
 /// Manifests larger than this are refused (the distribution spec's suggested limit).
@@ -147,6 +147,25 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
 }
 
+pub enum PurgeTarget {
+    Digest(Digest),
+    /// A whole repository, or one of its tags.
+    Repository {
+        upstream: Arc<str>,
+        name: RepoName,
+        tag: Option<Tag>,
+    },
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PurgeReport {
+    /// Tags forgotten.
+    pub tags: usize,
+    /// Objects deleted, and their bytes.
+    pub objects: usize,
+    pub bytes: u64,
+}
+
 /// How often the eviction order is saved and pins are looked up again.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
 
@@ -187,6 +206,57 @@ impl Mirror {
         &self.tags
     }
 
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Delete cached content: one object, or a repository's (or one tag's) saved answers and
+    /// every object no other saved tag still needs.
+    pub async fn purge(self: &Arc<Self>, target: PurgeTarget) -> Result<PurgeReport, ApiError> {
+        let (doomed, tags) = match target {
+            PurgeTarget::Digest(digest) => (vec![digest], Vec::new()),
+            PurgeTarget::Repository {
+                upstream,
+                name,
+                tag,
+            } => {
+                let this = self.clone();
+                let (up, n, t) = (upstream.clone(), name.clone(), tag.clone());
+                let (doomed, tags) = tokio::task::spawn_blocking(move || {
+                    let all = this.tags.list();
+                    let matches = |s: &SavedTag| {
+                        *s.upstream == *up && s.name == n && t.as_ref().is_none_or(|t| s.tag == *t)
+                    };
+                    let doomed = inventory::exclusive_objects(&this.store, &all, matches);
+                    let mut tags: Vec<Tag> =
+                        all.into_iter().filter(matches).map(|s| s.tag).collect();
+                    tags.dedup();
+                    (doomed, tags)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                for tag in &tags {
+                    self.tags.remove_tag(&upstream, &name, tag);
+                }
+                (doomed.into_iter().collect(), tags)
+            }
+        };
+        let mut report = PurgeReport {
+            tags: tags.len(),
+            ..PurgeReport::default()
+        };
+        for digest in doomed {
+            self.manifests.invalidate(&digest);
+            let removed = self.store.remove(&digest).await;
+            if let Some(len) = removed.map_err(|e| ApiError::Internal(e.to_string()))? {
+                report.objects += 1;
+                report.bytes += len;
+            }
+        }
+        self.metrics.record_usage(self.store.usage());
+        Ok(report)
+    }
+
     /// Find every object of the pinned images in the cache and protect it from eviction.
     /// Blocking (reads manifests from disk).
     pub fn refresh_pins(&self) {
@@ -200,6 +270,15 @@ impl Mirror {
         }
         self.store.set_pins(pinned);
         self.metrics.record_usage(self.store.usage());
+    }
+
+    /// A manifest of a pinned repository arrived: look the pins up again, so its blobs are
+    /// pinned as they arrive (a pin covers digests not cached yet).
+    fn watch_pins(self: &Arc<Self>, upstream: &Arc<str>, name: &RepoName) {
+        if self.pins.iter().any(|(u, n, _)| u == upstream && n == name) {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.refresh_pins());
+        }
     }
 
     /// Save what must outlive the process: the eviction order. Blocking.
@@ -409,7 +488,7 @@ impl Mirror {
 
     /// GET a manifest upstream, verify it, keep it on disk and in memory.
     async fn fetch_manifest(
-        &self,
+        self: &Arc<Self>,
         upstream: &Upstream,
         name: &RepoName,
         reference: &Reference,
@@ -451,7 +530,10 @@ impl Mirror {
             });
         }
         match self.store.put(&digest, body.clone()).await {
-            Ok(()) => self.metrics.record_usage(self.store.usage()),
+            Ok(()) => {
+                self.metrics.record_usage(self.store.usage());
+                self.watch_pins(&upstream.name, name);
+            }
             Err(e) => {
                 warn!(%digest, error = %e, "could not write manifest to the cache; serving it anyway")
             }
@@ -520,7 +602,9 @@ impl Mirror {
                 .await;
             return match fetched {
                 Ok(m) => {
-                    self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
+                    self.tags
+                        .insert(key.clone(), m.digest.clone(), upstream.tag_ttl);
+                    self.watch_pins(&key.upstream, &key.name);
                     Ok((m, Outcome::Miss))
                 }
                 Err(err) if err.is_upstream_failure() => {
@@ -556,7 +640,9 @@ impl Mirror {
                         (m, Outcome::Miss)
                     }
                 };
-                self.tags.insert(key, m.digest.clone(), upstream.tag_ttl);
+                self.tags
+                    .insert(key.clone(), m.digest.clone(), upstream.tag_ttl);
+                self.watch_pins(&key.upstream, &key.name);
                 Ok((m, outcome))
             }
             Err(err) if err.is_transient() => self.serve_stale(upstream, key, known, &err).await,

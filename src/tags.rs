@@ -44,6 +44,16 @@ impl TagEntry {
     }
 }
 
+/// One saved answer, as [`TagCache::list`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedTag {
+    pub upstream: Arc<str>,
+    pub name: RepoName,
+    pub tag: Tag,
+    pub accept: AcceptSet,
+    pub digest: Digest,
+}
+
 pub struct TagCache {
     entries: Cache<TagKey, TagEntry>,
     dir: PathBuf,
@@ -107,6 +117,88 @@ impl TagCache {
     pub fn remove(&self, key: &TagKey) {
         self.entries.invalidate(key);
         let _ = fs::remove_file(self.answer_path(key));
+    }
+
+    /// Forget every answer for a tag (all Accept sets); how many there were.
+    pub fn remove_tag(&self, upstream: &Arc<str>, name: &RepoName, tag: &Tag) -> usize {
+        let answers = self.answers(upstream, name, tag);
+        for (accept, _) in &answers {
+            self.entries.invalidate(&TagKey {
+                upstream: upstream.clone(),
+                name: name.clone(),
+                tag: tag.clone(),
+                accept: *accept,
+            });
+        }
+        let _ = fs::remove_dir_all(self.tag_dir(upstream, name, tag));
+        answers.len()
+    }
+
+    /// Every saved answer, walking the directory. For reports and purges, not requests.
+    pub fn list(&self) -> Vec<SavedTag> {
+        let mut out = Vec::new();
+        let Ok(upstreams) = fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for upstream in upstreams.filter_map(Result::ok) {
+            let name = upstream.file_name().to_string_lossy().into_owned();
+            let upstream_name: Arc<str> = Arc::from(name.as_str());
+            self.walk_repos(&upstream.path(), &upstream_name, "", &mut out);
+        }
+        out.sort_by(|a, b| (&a.upstream, &a.name, &a.tag).cmp(&(&b.upstream, &b.name, &b.tag)));
+        out
+    }
+
+    /// Descend through repository path components until a `_tags` directory.
+    fn walk_repos(&self, dir: &Path, upstream: &Arc<str>, prefix: &str, out: &mut Vec<SavedTag>) {
+        let Ok(children) = fs::read_dir(dir) else {
+            return;
+        };
+        for child in children.filter_map(Result::ok) {
+            let component = child.file_name().to_string_lossy().into_owned();
+            if !child.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if component == TAGS_DIR {
+                let Ok(name) = RepoName::parse(prefix) else {
+                    continue;
+                };
+                self.collect_tags(&child.path(), upstream, &name, out);
+            } else {
+                let path = if prefix.is_empty() {
+                    component
+                } else {
+                    format!("{prefix}/{component}")
+                };
+                self.walk_repos(&child.path(), upstream, &path, out);
+            }
+        }
+    }
+
+    fn collect_tags(
+        &self,
+        dir: &Path,
+        upstream: &Arc<str>,
+        name: &RepoName,
+        out: &mut Vec<SavedTag>,
+    ) {
+        let Ok(tags) = fs::read_dir(dir) else {
+            return;
+        };
+        for tag in tags.filter_map(Result::ok) {
+            let Ok(tag) = Tag::parse(&tag.file_name().to_string_lossy()) else {
+                continue;
+            };
+            for (accept, entry) in self.answers(upstream, name, &tag) {
+                out.push(SavedTag {
+                    upstream: upstream.clone(),
+                    name: name.clone(),
+                    tag: tag.clone(),
+                    accept,
+                    digest: entry.digest,
+                });
+            }
+        }
     }
 
     fn repo_dir(&self, upstream: &str, name: &RepoName) -> PathBuf {
@@ -223,6 +315,40 @@ mod tests {
         let reopened = TagCache::open(dir.path(), 10).unwrap();
         assert_eq!(reopened.get(&outer).unwrap().digest, Digest::of(b"outer"));
         assert_eq!(reopened.get(&inner).unwrap().digest, Digest::of(b"inner"));
+    }
+
+    #[test]
+    fn list_finds_nested_repositories_and_remove_tag_forgets_all_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = TagCache::open(dir.path(), 10).unwrap();
+        let outer = key(AcceptSet::ALL);
+        let narrow = key(AcceptSet::from_bits(1).unwrap());
+        let inner = TagKey {
+            name: RepoName::parse("library/alpine/sub").unwrap(),
+            ..outer.clone()
+        };
+        for k in [&outer, &narrow, &inner] {
+            cache.insert(
+                k.clone(),
+                Digest::of(k.name.as_str().as_bytes()),
+                Duration::from_secs(60),
+            );
+        }
+        let listed: Vec<(String, String, u8)> = cache
+            .list()
+            .into_iter()
+            .map(|t| (t.name.to_string(), t.tag.to_string(), t.accept.bits()))
+            .collect();
+        assert_eq!(listed.len(), 3);
+        assert!(listed.contains(&("library/alpine/sub".into(), "3".into(), 15)));
+        assert!(listed.contains(&("library/alpine".into(), "3".into(), 1)));
+        assert_eq!(
+            cache.remove_tag(&outer.upstream, &outer.name, &outer.tag),
+            2
+        );
+        assert!(cache.get(&outer).is_none() && cache.get(&narrow).is_none());
+        assert!(cache.get(&inner).is_some());
+        assert_eq!(cache.list().len(), 1);
     }
 
     #[test]

@@ -27,3 +27,6 @@ mod measure;
 
 #[path = "e2e/robustness.rs"]
 mod robustness;
+
+#[path = "e2e/lifecycle.rs"]
+mod lifecycle;

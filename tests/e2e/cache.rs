@@ -10,7 +10,7 @@ use crate::support::image::{Format, Image, random_bytes};
 use crate::support::registry::{AccessLine, Auth, Registry, count};
 use crate::support::{digest_of, http, serial, skopeo};
 
-fn pull_and_check(d: &Dockside, reference: &str, img: &Image) -> Duration {
+pub(crate) fn pull_and_check(d: &Dockside, reference: &str, img: &Image) -> Duration {
     let out = tempfile::tempdir().unwrap();
     let r = skopeo::pull(
         &format!("{}/{reference}", d.host()),
@@ -23,7 +23,7 @@ fn pull_and_check(d: &Dockside, reference: &str, img: &Image) -> Duration {
     r.elapsed
 }
 
-fn new_lines(before: &[AccessLine], after: &[AccessLine]) -> Vec<AccessLine> {
+pub(crate) fn new_lines(before: &[AccessLine], after: &[AccessLine]) -> Vec<AccessLine> {
     after[before.len()..].to_vec()
 }
 

@@ -230,6 +230,12 @@ fn restart_serves_cached_content_with_the_upstream_gone() {
     skopeo::assert_layout_has_image(out.path(), &skopeo::layout_top(out.path()), &img, true);
 }
 
+/// Bytes of cached objects and fills in flight under a cache directory; the small state files
+/// (tag answers, saved order) aside.
+pub(crate) fn object_bytes(cache: &std::path::Path) -> u64 {
+    disk_usage(&cache.join("objects")) + disk_usage(&cache.join("tmp"))
+}
+
 /// Bytes of regular files under `dir`.
 fn disk_usage(dir: &std::path::Path) -> u64 {
     let mut total = 0;
@@ -266,8 +272,7 @@ fn cache_stays_within_max_size_evicting_least_recently_used() {
         assert!(r.body == *b, "blob {dg} bytes");
     }
     let cap = 4u64 << 20;
-    // Objects and fills in flight; the small state files (tag answers, saved order) aside.
-    let used = disk_usage(&d.cache_dir().join("objects")) + disk_usage(&d.cache_dir().join("tmp"));
+    let used = object_bytes(&d.cache_dir());
     assert!(
         used <= cap,
         "after 6 x 1 MiB blobs the cache holds {used} bytes on disk; max_size is {cap}"
