@@ -24,6 +24,9 @@ use crate::oci::route::valid_registry_host;
 pub const DEFAULT_YAML: &str = include_str!("../config/dockside.yaml");
 
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
+const DEFAULT_RETRIES: u32 = 2;
+/// Each retry waits up to twice as long as the one before; more than this is hours of waiting.
+const MAX_RETRIES: u32 = 10;
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 /// A sanity bound: more worker threads than this is a typo, not a plan.
 const MAX_THREADS: usize = 1024;
@@ -71,6 +74,8 @@ pub struct UpstreamConfig {
     pub timeouts: Timeouts,
     /// Never contacted: answers come from the cache alone.
     pub offline: bool,
+    /// Extra attempts after a connect error or a 5xx, with backoff.
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +241,7 @@ struct RawUpstream {
     tag_ttl: Option<Scalar>,
     timeouts: Option<RawTimeouts>,
     offline: Option<bool>,
+    retries: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -554,6 +560,7 @@ impl Check<'_> {
             tag_ttl,
             timeouts: self.timeouts(&format!("{key}.timeouts"), raw.timeouts.as_ref())?,
             offline: false,
+            retries: self.retries(&format!("{key}.retries"), raw.retries)?,
         })
     }
 
@@ -697,6 +704,14 @@ impl Check<'_> {
             )?,
             idle: self.timeout(&format!("{key}.idle"), raw.idle.as_ref(), defaults.idle)?,
         })
+    }
+
+    fn retries(&self, key: &str, raw: Option<u32>) -> Result<u32, ConfigError> {
+        match raw {
+            None => Ok(DEFAULT_RETRIES),
+            Some(n) if n <= MAX_RETRIES => Ok(n),
+            Some(n) => Err(self.invalid(key, format!("{n} is more than {MAX_RETRIES}"))),
+        }
     }
 
     /// Names and aliases must be unique (they are already lowercased), or a
@@ -1209,6 +1224,15 @@ default_upstream: index.docker.io
         assert_eq!(redact_userinfo("https://h/p@q"), "https://h/p@q");
         assert_eq!(redact_userinfo("no scheme@x"), "no scheme@x");
         assert_eq!(redact_userinfo("http://a@b@c"), "http://***@c");
+    }
+
+    #[test]
+    fn retries_default_to_two_and_are_bounded() {
+        assert_eq!(parse(MINIMAL).unwrap().upstreams[0].retries, 2);
+        let none = parse(&with_upstream_keys("    retries: 0\n")).unwrap();
+        assert_eq!(none.upstreams[0].retries, 0);
+        let msg = err(&with_upstream_keys("    retries: 11\n"));
+        assert_contains(&msg, &["upstreams[0].retries: 11 is more than 10"]);
     }
 
     #[test]

@@ -61,8 +61,15 @@ pub enum BlobSource {
     },
 }
 
-/// The upstream request that starts a fill; it resolves to a successful response.
+/// An upstream request for a blob; it resolves to a successful response.
 pub type Fetch = BoxFuture<'static, Result<reqwest::Response, UpstreamError>>;
+
+/// Makes the upstream request for a blob from a byte offset on: 0 to start a fill, more to
+/// resume one whose body broke.
+pub type FetchFrom = Box<dyn Fn(u64) -> Fetch + Send + Sync>;
+
+/// How many times one fill resumes a broken body before giving up.
+const MAX_RESUMES: u32 = 3;
 
 pub struct Fills {
     store: Arc<dyn BlobStore>,
@@ -84,7 +91,7 @@ impl Fills {
         &self,
         digest: &Digest,
         upstream: &Arc<str>,
-        fetch: impl FnOnce() -> Fetch,
+        fetch: impl Fn(u64) -> Fetch + Send + Sync + 'static,
     ) -> Result<BlobSource, StoreError> {
         loop {
             if self.store.size_of(digest).is_some() {
@@ -116,7 +123,8 @@ impl Fills {
                 },
             );
             drop(inflight);
-            tokio::spawn(self.run(digest.clone(), upstream.clone(), ingest, fetch(), tx));
+            let fetch: FetchFrom = Box::new(fetch);
+            tokio::spawn(self.run(digest.clone(), upstream.clone(), ingest, fetch, tx));
             return Ok(BlobSource::Filling {
                 file,
                 progress,
@@ -141,7 +149,7 @@ impl Fills {
         digest: Digest,
         upstream: Arc<str>,
         mut ingest: Box<dyn Ingest>,
-        fetch: Fetch,
+        fetch: FetchFrom,
         tx: watch::Sender<FillState>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let inflight = self.inflight.clone();
@@ -149,7 +157,7 @@ impl Fills {
         let store = self.store.clone();
         async move {
             metrics.fills_in_flight.inc();
-            let streamed = stream_into(ingest.as_mut(), fetch, &tx, &upstream, &metrics).await;
+            let streamed = stream_into(ingest.as_mut(), &fetch, &tx, &upstream, &metrics).await;
             let verified = streamed.and_then(|keep| {
                 let len = ingest.verify().map_err(|e| commit_error(&upstream, e))?;
                 Ok((len, keep))
@@ -199,12 +207,12 @@ enum Keep {
 
 async fn stream_into(
     ingest: &mut dyn Ingest,
-    fetch: Fetch,
+    fetch: &FetchFrom,
     tx: &watch::Sender<FillState>,
     upstream: &Arc<str>,
     metrics: &Metrics,
 ) -> Result<Keep, UpstreamError> {
-    let resp = fetch.await?;
+    let mut resp = fetch(0).await?;
     let len = content_length(resp.headers());
     let keep = match len {
         // Room is made before the first byte lands, so the disk never holds more than allowed.
@@ -216,60 +224,122 @@ async fn stream_into(
         None => Keep::Yes,
     };
     tx.send_replace(FillState::Streaming { len, written: 0 });
+    let mut resumes = 0;
+    loop {
+        let copied = copy_body(ingest, resp, len, tx, upstream, metrics).await;
+        let got = ingest.written();
+        let err = match (copied, len) {
+            (Ok(()), Some(expected)) if got < expected => {
+                UpstreamError::new(upstream, UpstreamErrorKind::Truncated { expected, got })
+            }
+            (Ok(()), _) => return Ok(keep),
+            (Err(e), _) => e,
+        };
+        // Only a body that broke can be resumed, and only when we know where it ends.
+        let resumable = matches!(
+            err.kind,
+            UpstreamErrorKind::Body(_) | UpstreamErrorKind::Truncated { .. }
+        );
+        let Some(total) = len.filter(|_| resumable && resumes < MAX_RESUMES) else {
+            return Err(err);
+        };
+        resumes += 1;
+        warn!(%upstream, error = %err, from = got, total, resumes, "blob download broke; resuming with Range");
+        metrics
+            .upstream_resumes
+            .with_label_values(&[upstream])
+            .inc();
+        resp = fetch(got).await?;
+        if !is_rest_of(&resp, got, total) {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether a response is bytes `from..total` of the blob: a 206 with that Content-Range, or
+/// the whole blob when nothing was written yet.
+fn is_rest_of(resp: &reqwest::Response, from: u64, total: u64) -> bool {
+    if from == 0 {
+        return resp.status() == http::StatusCode::OK;
+    }
+    let range = resp
+        .headers()
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok());
+    let expected = format!("bytes {from}-{}/", total - 1);
+    resp.status() == http::StatusCode::PARTIAL_CONTENT
+        && range.is_some_and(|r| {
+            r.strip_prefix(&expected)
+                .is_some_and(|size| size == "*" || size == total.to_string())
+        })
+}
+
+/// Copy one response body into the ingest, in batches. A body that breaks is reported after
+/// every byte that did arrive has been written, so a resume can start right after them.
+async fn copy_body(
+    ingest: &mut dyn Ingest,
+    resp: reqwest::Response,
+    len: Option<u64>,
+    tx: &watch::Sender<FillState>,
+    upstream: &Arc<str>,
+    metrics: &Metrics,
+) -> Result<(), UpstreamError> {
     let mut body = resp.bytes_stream();
     let mut batch = BytesMut::new();
-    let mut more = true;
-    while more {
+    let mut broken = None;
+    let mut ended = false;
+    while !ended && broken.is_none() {
         match body.next().await {
-            Some(chunk) => batch.extend_from_slice(&chunk.map_err(|e| body_error(upstream, &e))?),
-            None => break,
+            Some(Ok(chunk)) => batch.extend_from_slice(&chunk),
+            Some(Err(e)) => broken = Some(body_error(upstream, &e)),
+            None => ended = true,
         }
         // Take whatever else has already arrived: a fast upstream costs one disk write per
         // batch, while a slow one still reaches readers chunk by chunk.
-        while batch.len() < WRITE_BATCH {
+        while !ended && broken.is_none() && batch.len() < WRITE_BATCH {
             match body.next().now_or_never() {
-                Some(Some(chunk)) => {
-                    batch.extend_from_slice(&chunk.map_err(|e| body_error(upstream, &e))?)
-                }
-                Some(None) => {
-                    more = false;
-                    break;
-                }
+                Some(Some(Ok(chunk))) => batch.extend_from_slice(&chunk),
+                Some(Some(Err(e))) => broken = Some(body_error(upstream, &e)),
+                Some(None) => ended = true,
                 None => break,
             }
         }
-        let written = ingest.written() + batch.len() as u64;
-        if len.is_some_and(|len| written > len) {
-            return Err(UpstreamError::new(
-                upstream,
-                UpstreamErrorKind::Body(format!("sent more than its Content-Length {len:?}")),
-            ));
+        if !batch.is_empty() {
+            write_batch(ingest, batch.split().freeze(), len, tx, upstream, metrics).await?;
         }
-        let bytes = batch.split().freeze();
-        metrics
-            .upstream_bytes
-            .with_label_values(&[upstream])
-            .inc_by(bytes.len() as u64);
-        ingest
-            .write(bytes)
-            .await
-            .map_err(|e| UpstreamError::new(upstream, UpstreamErrorKind::Store(e.to_string())))?;
-        tx.send_modify(|state| {
-            if let FillState::Streaming { written: w, .. } = state {
-                *w = written;
-            }
-        });
     }
-    match len {
-        Some(expected) if ingest.written() != expected => Err(UpstreamError::new(
+    broken.map_or(Ok(()), Err)
+}
+
+async fn write_batch(
+    ingest: &mut dyn Ingest,
+    bytes: Bytes,
+    len: Option<u64>,
+    tx: &watch::Sender<FillState>,
+    upstream: &Arc<str>,
+    metrics: &Metrics,
+) -> Result<(), UpstreamError> {
+    let written = ingest.written() + bytes.len() as u64;
+    if len.is_some_and(|len| written > len) {
+        return Err(UpstreamError::new(
             upstream,
-            UpstreamErrorKind::Truncated {
-                expected,
-                got: ingest.written(),
-            },
-        )),
-        _ => Ok(keep),
+            UpstreamErrorKind::Body(format!("sent more than its Content-Length {len:?}")),
+        ));
     }
+    metrics
+        .upstream_bytes
+        .with_label_values(&[upstream])
+        .inc_by(bytes.len() as u64);
+    ingest
+        .write(bytes)
+        .await
+        .map_err(|e| UpstreamError::new(upstream, UpstreamErrorKind::Store(e.to_string())))?;
+    tx.send_modify(|state| {
+        if let FillState::Streaming { written: w, .. } = state {
+            *w = written;
+        }
+    });
+    Ok(())
 }
 
 fn commit_error(upstream: &Arc<str>, err: StoreError) -> UpstreamError {

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub evicted_bytes: IntCounter,
     /// Blobs served pass-through because they can never fit the cache.
     pub oversize_blobs: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    pub upstream_resumes: IntCounterVec,
+    /// 429s received, and requests not sent while an upstream's Retry-After runs.
+    pub upstream_throttled: IntCounterVec,
+    pub upstream_ratelimit_remaining: IntGaugeVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -64,6 +69,13 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let metrics = Metrics {
             requests: counter(
@@ -120,22 +132,37 @@ impl Metrics {
                 "dockside_evicted_bytes_total",
                 "Bytes of cached objects deleted to stay within cache.max_size.",
             ),
+            upstream_retries: counter(
+                "dockside_upstream_retries_total",
+                "Upstream requests sent again after a connect error or a 5xx.",
+                &["upstream"],
+            ),
+            upstream_resumes: counter(
+                "dockside_upstream_resumes_total",
+                "Blob downloads that broke mid-stream and were resumed with Range.",
+                &["upstream"],
+            ),
+            upstream_throttled: counter(
+                "dockside_upstream_throttled_total",
+                "429 answers from upstream, by whether dockside sent the request or held it back \
+                 while Retry-After ran.",
+                &["upstream", "sent"],
+            ),
+            upstream_ratelimit_remaining: gauge_vec(
+                "dockside_upstream_ratelimit_remaining",
+                "The upstream's last RateLimit-Remaining (Docker Hub: pulls left in the window).",
+                &["upstream"],
+            ),
             oversize_blobs: counter(
                 "dockside_oversize_blobs_total",
                 "Blobs served without being kept because they exceed cache.max_size.",
                 &["upstream"],
             ),
-            build_info: {
-                let g = IntGaugeVec::new(
-                    Opts::new("dockside_build_info", "Build information; always 1."),
-                    &["version"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
+            build_info: gauge_vec(
+                "dockside_build_info",
+                "Build information; always 1.",
+                &["version"],
+            ),
             registry,
         };
         metrics

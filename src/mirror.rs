@@ -707,7 +707,10 @@ impl Mirror {
         range: Option<&str>,
     ) -> Result<ApiResponse, ApiError> {
         let (up, n, d) = (upstream.clone(), name.clone(), digest.clone());
-        let fetch = move || async move { up.blob(Method::GET, &n, &d).await }.boxed();
+        let fetch = move |from: u64| {
+            let (up, n, d) = (up.clone(), n.clone(), d.clone());
+            async move { up.blob_from(&n, &d, from).await }.boxed()
+        };
         let source = self
             .fills
             .get(digest, &upstream.name, fetch)

@@ -217,7 +217,8 @@ async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(1 << 20, 4);
     let digest = fake.add_blob(&data);
-    fake.set_fault(&digest, Some(Fault::Truncate(300_000)));
+    // Each response breaks after 100 kB: the resumes cannot finish 1 MiB.
+    fake.set_fault(&digest, Some(Fault::Truncate(100_000)));
     fake.set_chunk_delay(Duration::from_millis(10));
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
@@ -235,8 +236,71 @@ async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
     }
     fake.set_chunk_delay(Duration::ZERO);
     fake.set_fault(&digest, None);
+    let gets = || fake.count(&format!("GET /v2/library/x/blobs/{digest}"));
+    // The fill resumed a few times, each resume broken again, then gave up.
+    assert_eq!(gets(), 4, "{:?}", fake.log());
     assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
-    assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 2);
+    assert_eq!(gets(), 5, "one fresh fetch once the upstream is healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_brief_upstream_outage_is_ridden_out_with_retries() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(10_000, 15);
+    let digest = fake.add_blob(&data);
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+    fake.set_down(true);
+    let healer = {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            fake.set_down(false);
+        })
+    };
+    let resp = get(&url).await;
+    healer.await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "503s within the retry budget are not the client's problem"
+    );
+    assert!(resp.bytes().await.unwrap()[..] == data[..]);
+    let gets = fake.count(&format!("GET /v2/library/x/blobs/{digest}"));
+    assert!(gets >= 2, "the first attempt met the outage: {gets}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_breaks_once_is_resumed_with_range_and_verified_whole() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(1 << 20, 14);
+    let digest = fake.add_blob(&data);
+    fake.set_fault(&digest, Some(Fault::TruncateOnce(300_000)));
+    fake.set_chunk_delay(Duration::from_millis(2));
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+
+    let resp = get(&url).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.unwrap()[..] == data[..],
+        "the client got the whole blob"
+    );
+    let path = format!("GET /v2/library/x/blobs/{digest}");
+    assert_eq!(fake.count(&path), 2);
+    // The resume asks for the rest from the byte reached.
+    let resumed = fake
+        .log()
+        .into_iter()
+        .find(|l| l.contains("[range bytes="))
+        .expect("a Range request");
+    assert!(
+        resumed.starts_with(&path) && resumed.ends_with("-]"),
+        "{resumed}"
+    );
+    // Cached whole: a second request asks upstream nothing.
+    assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
+    assert_eq!(fake.count(&path), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

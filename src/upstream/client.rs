@@ -1,13 +1,13 @@
 //! One upstream registry: an HTTP client with its own CA, timeouts and credentials, the bearer
 //! token flow, and the mapping of upstream statuses to [`UpstreamErrorKind`].
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::{HeaderValue, Method, StatusCode};
 use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
-use tracing::debug;
+use tracing::{debug, warn};
 use url::Url;
 
 use super::auth::{Challenge, TokenCache, TokenResponse, parse_challenge, pull_scope};
@@ -34,6 +34,9 @@ pub struct Upstream {
     pub library_prefix: bool,
     /// `offline: true`: never contacted.
     pub offline: bool,
+    retries: u32,
+    /// Until when a 429's Retry-After asks us to leave this upstream alone.
+    throttled_until: Mutex<Option<Instant>>,
     base: Url,
     http: reqwest::Client,
     credentials: Option<Credentials>,
@@ -78,6 +81,8 @@ impl Upstream {
             tag_ttl: cfg.tag_ttl,
             library_prefix,
             offline: cfg.offline,
+            retries: cfg.retries,
+            throttled_until: Mutex::new(None),
             base: cfg.url.clone(),
             http,
             credentials: cfg.credentials.clone(),
@@ -116,6 +121,20 @@ impl Upstream {
         self.request(method, name, &path, None, None).await
     }
 
+    /// GET a blob from byte `from` on: the rest of a download that broke. The answer must be
+    /// checked to be that range (see `fill`).
+    pub async fn blob_from(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = format!("{name}/blobs/{digest}");
+        let range = (from > 0).then(|| format!("bytes={from}-"));
+        self.request_with(Method::GET, name, &path, None, None, range.as_deref())
+            .await
+    }
+
     /// GET an API path under the repository (tags/list, referrers/…) with the client's query.
     pub async fn passthrough(
         &self,
@@ -128,7 +147,6 @@ impl Upstream {
         self.request(Method::GET, name, &path, query, accept).await
     }
 
-    /// Send a request under `/v2/`, answering one authentication challenge if there is one.
     async fn request(
         &self,
         method: Method,
@@ -137,9 +155,87 @@ impl Upstream {
         query: Option<&str>,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.request_with(method, name, path, query, accept, None)
+            .await
+    }
+
+    /// Send a request under `/v2/`: not at all while offline or throttled, again after a
+    /// connect error or a 5xx (up to `retries` times, with exponential backoff and jitter).
+    async fn request_with(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        query: Option<&str>,
+        accept: Option<&str>,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
         }
+        if let Some(left) = self.throttled_for() {
+            self.metrics
+                .upstream_throttled
+                .with_label_values(&[&self.name, "false"])
+                .inc();
+            return Err(self.error(UpstreamErrorKind::TooManyRequests {
+                retry_after: Some(left.as_secs().max(1)),
+            }));
+        }
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .authenticated(method.clone(), name, path, query, accept, range)
+                .await;
+            match result {
+                Err(err) if attempt < self.retries && worth_retrying(&err) => {
+                    attempt += 1;
+                    let wait = backoff(attempt);
+                    debug!(upstream = %self.name, %path, error = %err, attempt, ?wait, "retrying");
+                    self.metrics
+                        .upstream_retries
+                        .with_label_values(&[&self.name])
+                        .inc();
+                    tokio::time::sleep(wait).await;
+                }
+                Err(err) => {
+                    if let UpstreamErrorKind::TooManyRequests { retry_after } = err.kind {
+                        self.throttle(retry_after);
+                    }
+                    return Err(err);
+                }
+                Ok(resp) => return Ok(resp),
+            }
+        }
+    }
+
+    /// How long a 429's Retry-After still holds requests back, if it does.
+    fn throttled_for(&self) -> Option<Duration> {
+        let until = (*self.throttled_until.lock().expect("throttle lock"))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    fn throttle(&self, retry_after: Option<u64>) {
+        self.metrics
+            .upstream_throttled
+            .with_label_values(&[&self.name, "true"])
+            .inc();
+        // Without Retry-After, one second: enough to stop a herd from hammering it.
+        let wait = Duration::from_secs(retry_after.unwrap_or(1).min(MAX_THROTTLE_SECS));
+        *self.throttled_until.lock().expect("throttle lock") = Some(Instant::now() + wait);
+        warn!(upstream = %self.name, ?wait, "upstream is rate limiting us; holding requests back");
+    }
+
+    /// One request, answering one authentication challenge if there is one.
+    async fn authenticated(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        query: Option<&str>,
+        accept: Option<&str>,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut url = self
             .base
             .join(&format!("/v2/{path}"))
@@ -150,7 +246,7 @@ impl Upstream {
         let mut challenged = false;
         loop {
             let resp = self
-                .send(method.clone(), &url, accept, authorization.as_ref())
+                .send(method.clone(), &url, accept, range, authorization.as_ref())
                 .await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
@@ -167,11 +263,15 @@ impl Upstream {
         method: Method,
         url: &Url,
         accept: Option<&str>,
+        range: Option<&str>,
         authorization: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut req = self.http.request(method.clone(), url.clone());
         if let Some(accept) = accept {
             req = req.header(ACCEPT, accept);
+        }
+        if let Some(range) = range {
+            req = req.header(http::header::RANGE, range);
         }
         if let Some(value) = authorization {
             req = req.header(AUTHORIZATION, value.clone());
@@ -191,7 +291,25 @@ impl Upstream {
                 self.timeouts.first_byte
             )))),
             Ok(Err(e)) => Err(self.error(classify(&e))),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                self.record_rate_limit(resp.headers());
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Docker Hub's `RateLimit-Remaining: 76;w=21600`: pulls left in the window.
+    fn record_rate_limit(&self, headers: &http::HeaderMap) {
+        let remaining = headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .and_then(|n| n.trim().parse::<i64>().ok());
+        if let Some(n) = remaining {
+            self.metrics
+                .upstream_ratelimit_remaining
+                .with_label_values(&[&self.name])
+                .set(n);
         }
     }
 
@@ -319,6 +437,25 @@ impl Upstream {
         };
         Err(self.error(kind))
     }
+}
+
+/// Retry-After is honoured up to this long; beyond it, the upstream is asked again anyway.
+const MAX_THROTTLE_SECS: u64 = 3600;
+
+/// Failures a second attempt may fix: no connection, or a server-side error.
+fn worth_retrying(err: &UpstreamError) -> bool {
+    match err.kind {
+        UpstreamErrorKind::Connect(_) => true,
+        UpstreamErrorKind::Status(code) => matches!(code, 500 | 502 | 503 | 504),
+        _ => false,
+    }
+}
+
+/// Exponential backoff with jitter: a random wait between half and all of 100 ms × 2^attempt
+/// (capped at 5 s), so a herd of retries spreads out instead of arriving together.
+fn backoff(attempt: u32) -> Duration {
+    let cap_ms = (100u64 << attempt.min(6)).min(5_000);
+    Duration::from_millis(rand::random_range(cap_ms / 2..=cap_ms))
 }
 
 fn bearer_header(token: &str) -> Option<HeaderValue> {

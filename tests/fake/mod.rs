@@ -31,6 +31,8 @@ pub enum Fault {
     Corrupt,
     /// Announce the full length, send this many bytes, then break the connection.
     Truncate(usize),
+    /// `Truncate` for the next response only.
+    TruncateOnce(usize),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -180,8 +182,12 @@ impl FakeUpstream {
         } else {
             ""
         };
+        let range = header(&req, "range");
+        let ranged = range
+            .as_deref()
+            .map_or(String::new(), |r| format!(" [range {r}]"));
         let (auth, down, delay, redirect) = self.with(|s| {
-            s.log.push(format!("{method} {path}{authorized}"));
+            s.log.push(format!("{method} {path}{authorized}{ranged}"));
             (
                 s.auth.clone(),
                 s.down,
@@ -196,7 +202,12 @@ impl FakeUpstream {
             return self.token(&req, &auth);
         }
         if let Some(digest) = path.strip_prefix("/cdn/") {
-            return self.blob(digest, method == hyper::Method::HEAD, delay);
+            return self.blob(
+                digest,
+                method == hyper::Method::HEAD,
+                delay,
+                range.as_deref(),
+            );
         }
         if let Some(challenge) = self.challenge(&req, &auth, &path) {
             return challenge;
@@ -215,7 +226,7 @@ impl FakeUpstream {
                 resp.headers_mut().insert("location", location);
                 return resp;
             }
-            return self.blob(digest, head, delay);
+            return self.blob(digest, head, delay, range.as_deref());
         }
         if let Some(repo) = rest.strip_suffix("/tags/list") {
             let body = serde_json::json!({ "name": repo, "tags": ["fake"] }).to_string();
@@ -282,12 +293,33 @@ impl FakeUpstream {
         resp
     }
 
-    fn blob(&self, digest: &str, head: bool, delay: Duration) -> Response<Body> {
+    fn blob(
+        &self,
+        digest: &str,
+        head: bool,
+        delay: Duration,
+        range: Option<&str>,
+    ) -> Response<Body> {
         let Some((data, fault, no_length)) = self.with(|s| {
             let data = s.blobs.get(digest).cloned()?;
-            Some((data, s.faults.get(digest).copied(), s.chunked))
+            let fault = s.faults.get(digest).copied();
+            if let Some(Fault::TruncateOnce(_)) = fault {
+                s.faults.remove(digest);
+            }
+            Some((data, fault, s.chunked))
         }) else {
             return text(StatusCode::NOT_FOUND, "blob unknown");
+        };
+        // `bytes=N-` only, the form a resuming client sends.
+        let from = range
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n < data.len());
+        let total = data.len();
+        let data = match from {
+            Some(n) => data.slice(n..),
+            None => data,
         };
         let len = data.len();
         let (data, cut) = match fault {
@@ -296,20 +328,32 @@ impl FakeUpstream {
                 corrupt[len / 2] ^= 0xff;
                 (Bytes::from(corrupt), None)
             }
-            Some(Fault::Truncate(n)) => (data, Some(n)),
+            Some(Fault::Truncate(n) | Fault::TruncateOnce(n)) => (data, Some(n)),
             None => (data, None),
         };
-        if head || (delay.is_zero() && cut.is_none() && !no_length) {
-            return bytes_response(StatusCode::OK, "application/octet-stream", data, head);
+        let status = if from.is_some() {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        let mut resp = if head || (delay.is_zero() && cut.is_none() && !no_length) {
+            bytes_response(status, "application/octet-stream", data, head)
+        } else {
+            let stream = chunked(data, cut, delay);
+            let mut resp = Response::builder()
+                .status(status)
+                .header("content-type", "application/octet-stream");
+            if !no_length {
+                resp = resp.header("content-length", len);
+            }
+            resp.body(StreamBody::new(stream).boxed()).unwrap()
+        };
+        if let Some(n) = from {
+            let value = format!("bytes {n}-{}/{total}", total - 1);
+            resp.headers_mut()
+                .insert("content-range", value.parse().unwrap());
         }
-        let stream = chunked(data, cut, delay);
-        let mut resp = Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "application/octet-stream");
-        if !no_length {
-            resp = resp.header("content-length", len);
-        }
-        resp.body(StreamBody::new(stream).boxed()).unwrap()
+        resp
     }
 }
 
