@@ -62,10 +62,8 @@ fn print(files: &[ClientFile]) -> anyhow::Result<()> {
 /// daemon.json, for one, usually holds settings of its own.
 fn write(dir: &Path, file: &ClientFile, force: bool) -> anyhow::Result<()> {
     let path = dir.join(&file.path);
-    if let Ok(existing) = std::fs::read_to_string(&path)
-        && existing != file.contents
-        && !force
-    {
+    let differs = std::fs::read_to_string(&path).is_ok_and(|existing| existing != file.contents);
+    if differs && !force {
         bail!(
             "{} exists with other contents; merge by hand or pass --force",
             path.display()
