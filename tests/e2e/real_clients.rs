@@ -99,12 +99,10 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
 #[test]
 fn containerd_default_hosts_toml_mirrors_known_and_passes_unknown_registries() {
     let _pin = HostsPin::new();
-    let hub = Registry::start(Auth::None);
     let img = Image::generate(805, &[150_000, 20_000], Format::Oci);
-    skopeo::push(&hub, "library/ctrdef", "1.0", &img);
-    let elsewhere = Registry::start(Auth::None);
+    let hub = registry_with("library/ctrdef", "1.0", &img);
     let other = Image::generate(806, &[50_000], Format::Oci);
-    skopeo::push(&elsewhere, "team/direct", "1.0", &other);
+    let elsewhere = registry_with("team/direct", "1.0", &other);
     let d = Dockside::start(&Config::new(vec![Upstream::hub(&hub)]));
     let c = Containerd::start();
     let hosts = c.shipped_default_hosts_dir(&d.url());
@@ -131,9 +129,8 @@ fn podman_pulls_through_registries_conf_mirror() {
     let img = Image::generate(810, &[350_000, 40_000], Format::Oci);
     skopeo::push(&hub, "library/podimg", "1.0", &img);
     // A second upstream, not the default: podman reaches it only through its path prefix.
-    let quay = Registry::start(Auth::None);
     let qimg = Image::generate(811, &[120_000], Format::Oci);
-    skopeo::push(&quay, "team/podq", "3.0", &qimg);
+    let quay = registry_with("team/podq", "3.0", &qimg);
     let d = Dockside::start(&Config::new(vec![
         Upstream::hub(&hub),
         Upstream::new("quay.io", &quay),
@@ -207,6 +204,13 @@ fn dockerd_pulls_through_registry_mirror() {
     dd.docker(&["pull", &reference], PULL_TIMEOUT).assert_ok();
     assert_blobs_came_through(&hub, "library/dockmulti", multi.image(mine));
     assert_blobs_not_fetched(&hub, "library/dockmulti", multi.image(other));
+}
+
+/// A plain upstream registry holding `img` as `repo:tag`.
+fn registry_with(repo: &str, tag: &str, img: &Image) -> Registry {
+    let reg = Registry::start(Auth::None);
+    skopeo::push(&reg, repo, tag, img);
+    reg
 }
 
 /// `ctr images pull` through the hosts.toml mirror config in `hosts`; shows containerd's log on
