@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fails when the Grafana dashboard queries a metric or label dockside does not export.
+"""Fails when the Grafana dashboard queries a metric or label dockside does not export, or
+when its panels share an id or overlap.
 
 Usage: dashboard-metrics.py DASHBOARD.json src/metrics.rs [LIVE_METRICS.txt]
 
@@ -76,13 +77,31 @@ def problems(dashboard, known):
                     yield f"{where}: no metric in the query has label {label!r}"
 
 
+def layout_problems(dashboard):
+    """Panels with a duplicate id, or that overlap on Grafana's 24-column grid."""
+    panels = dashboard.get("panels", [])
+    ids = [p.get("id") for p in panels]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}, key=str):
+        yield f"panel id {dup} used more than once"
+    placed = []
+    for panel in panels:
+        g = panel["gridPos"]
+        if g["x"] + g["w"] > 24:
+            yield f"{panel['title']}: wider than the grid"
+        cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        for title, other in placed:
+            if cells & other:
+                yield f"{panel['title']}: overlaps {title}"
+        placed.append((panel["title"], cells))
+
+
 def main(argv):
     dashboard = json.load(open(argv[1], encoding="utf-8"))
     known = declared(argv[2])
     if len(argv) > 3:
         for name, labels in scraped(argv[3]).items():
             known.setdefault(name, set()).update(labels)
-    found = list(problems(dashboard, known))
+    found = list(problems(dashboard, known)) + list(layout_problems(dashboard))
     for p in found:
         print(f"{argv[1]}: {p}", file=sys.stderr)
     count = sum(1 for _ in expressions(dashboard))
