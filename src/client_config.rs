@@ -12,7 +12,6 @@
 //! The files under `deploy/clients/` are this module's output for `config/dockside.yaml`; a
 //! test keeps them equal, and the end-to-end tests configure real clients with it.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use url::Url;
@@ -97,12 +96,6 @@ impl Mirror {
     /// Plain HTTP: clients must be told to accept it.
     fn insecure(&self) -> bool {
         self.scheme == "http"
-    }
-}
-
-impl fmt::Display for Mirror {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.origin())
     }
 }
 
