@@ -5,6 +5,8 @@ Usage: k8s-checks.py CLUSTER_WITH_SERVICEMONITOR.yaml NODE_LOCAL.yaml DOCKSIDE_B
 
 - Each workload's container ports and cache mount agree with the config in its ConfigMap,
   its probes name ports it has, and its selector matches its pod labels.
+- A NetworkPolicy selects each workload's pods and opens the admin port (which carries the
+  unauthenticated cache admin API) only to named sources.
 - The ServiceMonitor selects a Service that has the port it scrapes.
 - The node-local init container's command, run with the real binary, writes one containerd
   hosts file per upstream into the directory the node's certs.d is mounted at.
@@ -62,6 +64,22 @@ def check_workload(docs, workload, fail):
         fail(f"{where}: cache mounted at {mounts.get('cache')} but cache.dir is {config['cache']['dir']}")
 
 
+def check_network_policy(docs, workload, fail):
+    """A policy selects the pods, and opens the admin port only to named sources."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        p for p in by_kind(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    if not policies:
+        fail(f"{workload['kind']}/{workload['metadata']['name']}: no NetworkPolicy selects its pods")
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if (not ports or "admin" in ports) and not rule.get("from"):
+                fail(f"NetworkPolicy/{policy['metadata']['name']}: admin port open to everyone")
+
+
 def check_service_monitor(docs, fail):
     for sm in by_kind(docs, "ServiceMonitor"):
         wanted = sm["spec"]["selector"]["matchLabels"]
@@ -109,6 +127,7 @@ def main(argv):
         for kind in WORKLOADS:
             for workload in by_kind(docs, kind):
                 check_workload(docs, workload, errors.append)
+                check_network_policy(docs, workload, errors.append)
     check_service_monitor(monitored, errors.append)
     check_init_container(node_local, argv[3], argv[4], errors.append)
     for e in errors:
