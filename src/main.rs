@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dockside::config::Config;
 use tracing_subscriber::EnvFilter;
 
+mod client_config_cli;
+
 #[derive(Parser)]
 #[command(
     name = "dockside",
@@ -40,6 +42,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the file(s) that point a registry client at this mirror for every upstream.
+    ClientConfig(client_config_cli::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::ClientConfig(args) => client_config_cli::run(args),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Errors a client sees (OCI error JSON), `check-config`, the admin listener and shutdown.
+//! Errors a client sees (OCI error JSON), `check-config`, `client-config`, the admin listener and
+//! shutdown.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -272,4 +273,49 @@ fn admin_endpoints_and_prompt_sigint_shutdown() {
             .is_err()
             .then_some(())
     });
+}
+
+/// `client-config` prints several files under `==> path <==` headers, writes them with `--out`,
+/// and does not replace a file with other contents unless `--force` (a daemon.json usually has
+/// settings of its own).
+#[test]
+fn client_config_prints_writes_and_keeps_other_files_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let client_config = |extra: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["client-config", "--mirror", "http://10.0.0.1:5000"])
+            .args(extra);
+        run(cmd, Duration::from_secs(30))
+    };
+    let printed = client_config(&["--for", "containerd"]);
+    assert!(printed.success(), "{}", printed.stderr);
+    assert!(
+        printed
+            .stdout
+            .contains("==> /etc/containerd/certs.d/ghcr.io/hosts.toml <==\n"),
+        "{}",
+        printed.stdout
+    );
+
+    let out = dir.path().to_str().unwrap();
+    let daemon = dir.path().join("daemon.json");
+    std::fs::write(&daemon, "{\"debug\": true}\n").unwrap();
+    let kept = client_config(&["--for", "docker", "--out", out]);
+    assert!(!kept.success(), "replaced an existing daemon.json");
+    assert!(kept.stderr.contains("--force"), "{}", kept.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&daemon).unwrap(),
+        "{\"debug\": true}\n"
+    );
+
+    let forced = client_config(&["--for", "docker", "--out", out, "--force"]);
+    assert!(forced.success(), "{}", forced.stderr);
+    assert!(
+        std::fs::read_to_string(&daemon)
+            .unwrap()
+            .contains("http://10.0.0.1:5000")
+    );
+    // Writing the same contents again needs no --force.
+    let again = client_config(&["--for", "docker", "--out", out]);
+    assert!(again.success(), "{}", again.stderr);
 }

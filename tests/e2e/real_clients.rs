@@ -1,5 +1,7 @@
-//! Real clients pulling `docker.io/library/...` through dockside: containerd (ctr, hosts.toml,
-//! `?ns=`), podman (registries.conf mirror) and dockerd (`--registry-mirror`).
+//! Real clients pulling through dockside: containerd (ctr, hosts.toml, `?ns=`), podman
+//! (registries.conf mirror with a path prefix per upstream) and dockerd (daemon.json
+//! `registry-mirrors`). Each is configured with what `dockside client-config` writes, or with a
+//! shipped example from `deploy/clients/`, so a generator or example that stops working fails here.
 //!
 //! They fall back to Docker Hub when a mirror fails, so each runs with Docker Hub's names pinned
 //! to 127.0.0.1 in /etc/hosts (restored afterwards) and one at a time. The upstream registry is
@@ -37,7 +39,7 @@ fn assert_blobs_not_fetched(reg: &Registry, repo: &str, img: &Image) {
     }
 }
 
-/// Every blob of `img` was fetched from `reg` (through dockside) exactly once.
+/// Every blob of `img` was fetched from `reg` exactly once.
 fn assert_blobs_came_through(reg: &Registry, repo: &str, img: &Image) {
     let log = reg.access_log();
     for b in img.blobs() {
@@ -66,11 +68,11 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
             .default_upstream(Some("quay.io")),
     );
     let c = Containerd::start();
-    let hosts = c.hosts_dir(&d.host());
+    let hosts = c.generated_hosts_dir(&d);
     let hosts = hosts.to_str().unwrap();
     let decoy_before = decoy.access_log();
 
-    ctr_pull(&c, hosts, "docker.io/library/ctrimg:1.0");
+    ctr_pull(&c, hosts, &[], "docker.io/library/ctrimg:1.0");
     let ls = c.ctr(&["images", "ls"], Duration::from_secs(30));
     ls.assert_ok();
     assert!(
@@ -82,7 +84,7 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
     assert_blobs_came_through(&hub, "library/ctrimg", &img);
 
     // A multi-platform index: containerd picks this machine's platform.
-    ctr_pull(&c, hosts, "docker.io/library/ctrmulti:2.0");
+    ctr_pull(&c, hosts, &[], "docker.io/library/ctrmulti:2.0");
     assert_blobs_came_through(&hub, "library/ctrmulti", multi.image(mine));
     assert_blobs_not_fetched(&hub, "library/ctrmulti", multi.image(other));
     let decoy_log = decoy.access_log()[decoy_before.len()..].to_vec();
@@ -92,17 +94,54 @@ fn containerd_pulls_through_hosts_toml_mirror_with_ns() {
     );
 }
 
+/// The shipped `_default/hosts.toml`: a configured registry comes through dockside, and one
+/// dockside does not know falls through to the registry itself after dockside's 404.
+#[test]
+fn containerd_default_hosts_toml_mirrors_known_and_passes_unknown_registries() {
+    let _pin = HostsPin::new();
+    let img = Image::generate(805, &[150_000, 20_000], Format::Oci);
+    let hub = registry_with("library/ctrdef", "1.0", &img);
+    let other = Image::generate(806, &[50_000], Format::Oci);
+    let elsewhere = registry_with("team/direct", "1.0", &other);
+    let d = Dockside::start(&Config::new(vec![Upstream::hub(&hub)]));
+    let c = Containerd::start();
+    let hosts = c.shipped_default_hosts_dir(&d.url());
+    let hosts = hosts.to_str().unwrap();
+
+    ctr_pull(&c, hosts, &[], "docker.io/library/ctrdef:1.0");
+    assert_blobs_came_through(&hub, "library/ctrdef", &img);
+
+    // `--plain-http`: the registry's own address is plain HTTP on loopback.
+    let direct = format!("{}/team/direct:1.0", elsewhere.host());
+    ctr_pull(&c, hosts, &["--plain-http"], &direct);
+    let asked = d.log();
+    assert!(
+        asked.contains("team/direct"),
+        "containerd asked dockside first; dockside log:\n{asked}"
+    );
+    assert_blobs_came_through(&elsewhere, "team/direct", &other);
+}
+
 #[test]
 fn podman_pulls_through_registries_conf_mirror() {
     let _pin = HostsPin::new();
     let hub = Registry::start(Auth::None);
     let img = Image::generate(810, &[350_000, 40_000], Format::Oci);
     skopeo::push(&hub, "library/podimg", "1.0", &img);
-    let d = Dockside::start(&Config::new(vec![Upstream::hub(&hub)]));
-    let p = Podman::new(&d.host());
+    // A second upstream, not the default: podman reaches it only through its path prefix.
+    let qimg = Image::generate(811, &[120_000], Format::Oci);
+    let quay = registry_with("team/podq", "3.0", &qimg);
+    let d = Dockside::start(&Config::new(vec![
+        Upstream::hub(&hub),
+        Upstream::new("quay.io", &quay),
+    ]));
+    let p = Podman::new(&d);
 
     let out = p.podman(&["pull", "docker.io/library/podimg:1.0"], PULL_TIMEOUT);
     out.assert_ok();
+    p.podman(&["pull", "quay.io/team/podq:3.0"], PULL_TIMEOUT)
+        .assert_ok();
+    assert_blobs_came_through(&quay, "team/podq", &qimg);
     let ls = p.podman(
         &[
             "images",
@@ -132,7 +171,7 @@ fn dockerd_pulls_through_registry_mirror() {
     let multi = Index::generate(821, &[80_000], Format::Docker, &[other, mine]);
     skopeo::push(&hub, "library/dockmulti", "2.0", &multi);
     let d = Dockside::start(&Config::new(vec![Upstream::hub(&hub)]));
-    let dd = Dockerd::start(&d.url());
+    let dd = Dockerd::start(&d);
 
     let out = dd.docker(&["pull", "dockimg:1.0"], PULL_TIMEOUT);
     if !out.success() {
@@ -167,18 +206,20 @@ fn dockerd_pulls_through_registry_mirror() {
     assert_blobs_not_fetched(&hub, "library/dockmulti", multi.image(other));
 }
 
+/// A plain upstream registry holding `img` as `repo:tag`.
+fn registry_with(repo: &str, tag: &str, img: &Image) -> Registry {
+    let reg = Registry::start(Auth::None);
+    skopeo::push(&reg, repo, tag, img);
+    reg
+}
+
 /// `ctr images pull` through the hosts.toml mirror config in `hosts`; shows containerd's log on
 /// failure.
-fn ctr_pull(c: &Containerd, hosts: &str, reference: &str) {
-    let args = [
-        "images",
-        "pull",
-        "--hosts-dir",
-        hosts,
-        "--snapshotter",
-        "native",
-        reference,
-    ];
+fn ctr_pull(c: &Containerd, hosts: &str, flags: &[&str], reference: &str) {
+    let mut args = vec!["images", "pull", "--hosts-dir", hosts];
+    args.extend_from_slice(&["--snapshotter", "native"]);
+    args.extend_from_slice(flags);
+    args.push(reference);
     let out = c.ctr(&args, PULL_TIMEOUT);
     if !out.success() {
         eprintln!(

@@ -1,14 +1,35 @@
-//! Real registry clients with all their state in a temp dir: containerd + ctr, podman, dockerd.
+//! Real registry clients with all their state in a temp dir: containerd + ctr, podman, dockerd,
+//! each configured by `dockside client-config` or a shipped example from `deploy/clients/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use super::dockside::Dockside;
 use super::proc::Proc;
 use super::skopeo::{CmdOut, run};
 use super::wait_for;
+
+/// The shipped example `deploy/clients/<rel>`, with its placeholder address replaced by
+/// `mirror_url` (`http://host:port`), as an operator would edit it.
+pub fn shipped(rel: &str, mirror_url: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/clients")
+        .join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        text.contains(PLACEHOLDER),
+        "{} does not name {PLACEHOLDER}",
+        path.display()
+    );
+    let host = mirror_url.trim_start_matches("http://");
+    text.replace(PLACEHOLDER, host)
+}
+
+/// The mirror address the shipped client examples are written for.
+const PLACEHOLDER: &str = "mirror.example:5000";
 
 fn tempdir(prefix: &str) -> TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
@@ -99,19 +120,21 @@ impl Containerd {
         run(cmd, timeout)
     }
 
-    /// A hosts dir whose `docker.io/hosts.toml` sends pulls and resolves to `mirror` (host:port)
-    /// over plain HTTP, with Docker Hub as the (pinned-to-loopback) server behind it.
-    pub fn hosts_dir(&self, mirror: &str) -> PathBuf {
-        let hd = self.dir.path().join("certs.d");
-        std::fs::create_dir_all(hd.join("docker.io")).unwrap();
-        std::fs::write(
-            hd.join("docker.io/hosts.toml"),
-            format!(
-                "server = \"https://registry-1.docker.io\"\n\n\
-                 [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )
-        .unwrap();
+    /// A hosts dir (containerd's `certs.d`) written by `dockside client-config --for containerd`
+    /// for `dockside`: one `<registry>/hosts.toml` per upstream.
+    pub fn generated_hosts_dir(&self, dockside: &Dockside) -> PathBuf {
+        let etc = self.dir.path().join("generated");
+        dockside.client_config("containerd", &etc);
+        etc.join("certs.d")
+    }
+
+    /// A hosts dir holding only the shipped `deploy/clients/containerd/certs.d/_default`, aimed at
+    /// `mirror_url`.
+    pub fn shipped_default_hosts_dir(&self, mirror_url: &str) -> PathBuf {
+        let hd = self.dir.path().join("shipped-certs.d");
+        let rel = "containerd/certs.d/_default/hosts.toml";
+        std::fs::create_dir_all(hd.join("_default")).unwrap();
+        std::fs::write(hd.join("_default/hosts.toml"), shipped(rel, mirror_url)).unwrap();
         hd
     }
 
@@ -127,19 +150,12 @@ pub struct Podman {
 }
 
 impl Podman {
-    /// `mirror` (host:port) is a plain-HTTP mirror of docker.io.
-    pub fn new(mirror: &str) -> Podman {
+    /// podman whose registries.conf is what `dockside client-config --for podman` writes for
+    /// `dockside` (a mirror with a path prefix per upstream).
+    pub fn new(dockside: &Dockside) -> Podman {
         let dir = tempdir("e2e-podman-");
         let d = dir.path();
-        std::fs::write(
-            d.join("registries.conf"),
-            format!(
-                "unqualified-search-registries = [\"docker.io\"]\n\n\
-                 [[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\n\
-                 [[registry.mirror]]\nlocation = \"{mirror}\"\ninsecure = true\n"
-            ),
-        )
-        .unwrap();
+        dockside.client_config("podman", &d.join("generated"));
         std::fs::write(
             d.join("storage.conf"),
             format!(
@@ -174,7 +190,8 @@ impl Podman {
     pub fn podman(&self, args: &[&str], timeout: Duration) -> CmdOut {
         let d = self.dir.path();
         let mut cmd = Command::new("podman");
-        cmd.env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
+        let registries = d.join("generated/registries.conf.d/50-dockside.conf");
+        cmd.env("CONTAINERS_REGISTRIES_CONF", registries)
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
             .env("CONTAINERS_CONF", d.join("containers.conf"))
             .env("REGISTRY_AUTH_FILE", d.join("auth.json"))
@@ -190,7 +207,7 @@ impl Podman {
     }
 }
 
-/// dockerd with `--registry-mirror`, all state under a temp dir, driven with `docker -H`.
+/// dockerd with a generated daemon.json, all state under a temp dir, driven with `docker -H`.
 pub struct Dockerd {
     sock: PathBuf,
     proc: Proc,
@@ -199,17 +216,19 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    pub fn start(mirror_url: &str) -> Dockerd {
+    /// dockerd configured by the daemon.json that `dockside client-config --for docker` writes
+    /// for `dockside`.
+    pub fn start(dockside: &Dockside) -> Dockerd {
         let dir = tempdir("e2e-dockerd-");
         let d = dir.path();
         let sock = d.join("docker.sock");
+        dockside.client_config("docker", d);
         let cfg = d.join("daemon.json");
+        let mut daemon: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         // The trust key would go to /etc/docker/key.json otherwise.
-        std::fs::write(
-            &cfg,
-            serde_json::json!({"deprecated-key-path": d.join("key.json")}).to_string(),
-        )
-        .unwrap();
+        daemon["deprecated-key-path"] = serde_json::json!(d.join("key.json"));
+        std::fs::write(&cfg, daemon.to_string()).unwrap();
         let footprint = Footprint::new(&["/run/docker/plugins", "/run/docker"]);
         let mut cmd = Command::new("dockerd");
         cmd.arg(format!("--config-file={}", cfg.display()))
@@ -219,7 +238,6 @@ impl Dockerd {
                 "--ip6tables=false",
             ])
             .args(["--bridge=none", "--ip-masq=false"])
-            .arg(format!("--registry-mirror={mirror_url}"))
             .arg(format!("--data-root={}", d.join("data").display()))
             .arg(format!("--exec-root={}", d.join("exec").display()))
             .arg(format!("--pidfile={}", d.join("docker.pid").display()))

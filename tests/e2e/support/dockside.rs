@@ -219,6 +219,29 @@ impl Dockside {
         self.proc.log()
     }
 
+    /// The config file `serve` runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.as_ref().expect("dir").path().join("dockside.yaml")
+    }
+
+    /// `dockside client-config --for <client>` for this instance's config and URL, writing the
+    /// files under `out` the way an operator would (`--out /etc/containerd`).
+    pub fn client_config(&self, client: &str, out: &Path) {
+        let result = Command::new(BIN)
+            .args(["client-config", "--for", client, "--mirror", &self.url()])
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("run dockside client-config");
+        assert!(
+            result.status.success(),
+            "dockside client-config --for {client}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+
     /// The cache directory (`cache.dir`).
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.as_ref().expect("dir").path().join("cache")

@@ -14,8 +14,10 @@ pub fn heavy() -> MutexGuard<'static, ()> {
 
 const HOSTS: &str = "/etc/hosts";
 const MARK: &str = "# dockside-e2e pin";
-/// Names containerd, podman and dockerd fall back to when a mirror fails.
+/// Names containerd, podman and dockerd fall back to when a mirror fails: Docker Hub's, and
+/// quay.io, which the client tests use as a second upstream.
 pub const HUB_NAMES: &[&str] = &[
+    "quay.io",
     "docker.io",
     "registry-1.docker.io",
     "index.docker.io",
@@ -24,7 +26,7 @@ pub const HUB_NAMES: &[&str] = &[
     "production.cloudflare.docker.com",
 ];
 
-/// Holds the heavy lock and pins Docker Hub's names to 127.0.0.1; restores /etc/hosts on drop
+/// Holds the heavy lock and pins Docker Hub's names (and quay.io) to 127.0.0.1; restores /etc/hosts on drop
 /// (also while unwinding from a panic).
 pub struct HostsPin {
     original: String,
