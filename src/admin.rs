@@ -1,5 +1,5 @@
 //! The admin endpoints on `admin_listen`: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers), `/readyz` (the cache directory is writable), and the JSON cache API under `/api/`
+//! answers), `/readyz` (not shutting down, and the cache directory is writable), and the JSON cache API under `/api/`
 //! (list what is cached, purge it). The admin listener has no authentication: bind it to
 //! loopback or a private network.
 
@@ -24,6 +24,9 @@ impl AdminApp {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if self.mirror.is_stopping() {
+            return Err("shutting down".into());
+        }
         let probe = self.mirror.store().tmp_probe_path();
         std::fs::write(&probe, b"ready")
             .and_then(|()| std::fs::remove_file(&probe))
@@ -146,5 +149,27 @@ impl AdminApp {
             name,
             tag,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn not_ready_once_shutdown_has_begun() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "listen: 127.0.0.1:0\ncache: {{ dir: {:?}, max_size: 1MiB }}\n\
+             upstreams: [{{ name: docker.io, url: 'http://127.0.0.1:1' }}]\n",
+            dir.path()
+        );
+        let config = Config::from_yaml(&yaml, "test").unwrap();
+        let app = AdminApp::new(Mirror::new(&config, Arc::new(Metrics::new())).unwrap());
+        assert_eq!(app.ready(), Ok(()));
+        app.mirror.set_stopping();
+        assert_eq!(app.ready(), Err("shutting down".to_string()));
     }
 }

@@ -157,11 +157,21 @@ impl Fills {
         let store = self.store.clone();
         async move {
             metrics.fills_in_flight.inc();
+            let started = std::time::Instant::now();
             let streamed = stream_into(ingest.as_mut(), &fetch, &tx, &upstream, &metrics).await;
             let verified = streamed.and_then(|keep| {
                 let len = ingest.verify().map_err(|e| commit_error(&upstream, e))?;
                 Ok((len, keep))
             });
+            let outcome = if verified.is_ok() {
+                "verified"
+            } else {
+                "failed"
+            };
+            metrics
+                .fill_duration
+                .with_label_values(&[&upstream, outcome])
+                .observe(started.elapsed().as_secs_f64());
             match verified {
                 Ok((len, keep)) => {
                     tx.send_replace(FillState::Verified { len });

@@ -62,7 +62,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            dockside::server::run(config, Box::new(pingora::server::UnixShutdownSignalWatch))
+            dockside::server::run(config, pingora::server::UnixShutdownSignalWatch)
         }
         Command::CheckConfig { config } => {
             let loaded = Config::load(&config)?;

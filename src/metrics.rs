@@ -2,7 +2,8 @@
 //! global registry, so several mirrors can run in one test process).
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::store::Usage;
@@ -42,6 +43,10 @@ pub struct Metrics {
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
     pub upstream_throttled: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// From sending a request upstream to its response headers.
+    pub upstream_first_byte: HistogramVec,
+    /// A whole blob download, first request to verified last byte.
+    pub fill_duration: HistogramVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
 }
@@ -77,7 +82,27 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets);
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
         let metrics = Metrics {
+            upstream_first_byte: histogram(
+                "dockside_upstream_first_byte_seconds",
+                "Time from sending a request to an upstream to its response headers.",
+                &["upstream", "method"],
+                prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
+            ),
+            fill_duration: histogram(
+                "dockside_fill_duration_seconds",
+                "Time to download and verify a blob from upstream, by outcome.",
+                &["upstream", "outcome"],
+                prometheus::exponential_buckets(0.01, 2.0, 16).expect("valid buckets"),
+            ),
             requests: counter(
                 "dockside_requests_total",
                 "Registry requests answered, by upstream, kind and outcome.",

@@ -142,6 +142,8 @@ pub struct Mirror {
     manifests: Cache<Digest, Arc<Manifest>>,
     manifest_flights: SingleFlight<Digest, Result<Arc<Manifest>, ApiError>>,
     tag_flights: SingleFlight<TagKey, ManifestResult>,
+    /// Set once shutdown has begun.
+    stopping: std::sync::atomic::AtomicBool,
     /// `cache.pin`, resolved to upstream and repository.
     pins: Vec<(Arc<str>, RepoName, Reference)>,
     metrics: Arc<Metrics>,
@@ -186,6 +188,7 @@ impl Mirror {
         let mirror = Mirror {
             upstreams,
             pins,
+            stopping: Default::default(),
             fills: Fills::new(store.clone(), metrics.clone()),
             store,
             tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
@@ -200,6 +203,15 @@ impl Mirror {
         mirror.refresh_pins();
         mirror.metrics.record_usage(mirror.store.usage());
         Ok(Arc::new(mirror))
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn tags(&self) -> &TagCache {

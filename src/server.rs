@@ -157,9 +157,29 @@ impl ShutdownSignalWatch for ChannelShutdown {
     }
 }
 
+/// Passes on the shutdown signal, first marking the mirror as stopping so `/readyz` turns
+/// away new traffic while requests in flight drain.
+struct MarkStopping<W> {
+    inner: W,
+    mirror: Arc<Mirror>,
+}
+
+#[async_trait]
+impl<W: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for MarkStopping<W> {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = self.inner.recv().await;
+        self.mirror.set_stopping();
+        info!(?signal, "shutting down; /readyz now answers 503");
+        signal
+    }
+}
+
 /// Start the mirror and block until shutdown. `shutdown` is usually pingora's Unix signal
 /// watcher (SIGINT fast, SIGTERM graceful within `grace_period`, SIGQUIT hands over listeners).
-pub fn run(config: Config, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Result<()> {
+pub fn run(
+    config: Config,
+    shutdown: impl ShutdownSignalWatch + Send + Sync + 'static,
+) -> anyhow::Result<()> {
     check_listen_addresses(&config)?;
     let metrics = Arc::new(Metrics::new());
     let mirror = Mirror::new(&config, metrics)?;
@@ -206,7 +226,10 @@ pub fn run(config: Config, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Re
     info!(listen = ?config.listen, admin = ?config.admin_listen, cache = %config.cache.dir.display(),
           upstreams = config.upstreams.len(), "dockside starting");
     server.run(RunArgs {
-        shutdown_signal: shutdown,
+        shutdown_signal: Box::new(MarkStopping {
+            inner: shutdown,
+            mirror: mirror.clone(),
+        }),
     });
     mirror.save_state();
     info!("dockside stopped");

@@ -30,3 +30,6 @@ mod robustness;
 
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+
+#[path = "e2e/faults.rs"]
+mod faults;

@@ -62,7 +62,7 @@ async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
     );
     let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let thread = std::thread::spawn(move || run(config, Box::new(ChannelShutdown(rx))).unwrap());
+    let thread = std::thread::spawn(move || run(config, ChannelShutdown(rx)).unwrap());
     let mirror = Mirror {
         base: format!("http://127.0.0.1:{port}"),
         admin: format!("http://127.0.0.1:{admin}"),

@@ -276,7 +276,14 @@ impl Upstream {
         if let Some(value) = authorization {
             req = req.header(AUTHORIZATION, value.clone());
         }
+        let started = Instant::now();
         let sent = tokio::time::timeout(self.timeouts.first_byte, req.send()).await;
+        if let Ok(Ok(_)) = &sent {
+            self.metrics
+                .upstream_first_byte
+                .with_label_values(&[&self.name, method.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+        }
         let status_label = match &sent {
             Ok(Ok(resp)) => resp.status().as_u16().to_string(),
             _ => "error".to_string(),

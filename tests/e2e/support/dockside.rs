@@ -255,6 +255,12 @@ impl Dockside {
         self.dir.take().expect("dir")
     }
 
+    /// SIGKILL, as a crash or the OOM killer would, and hand over the directory.
+    pub fn crash(mut self) -> TempDir {
+        self.proc.kill();
+        self.dir.take().expect("dir")
+    }
+
     /// SIGINT, then wait (up to 20 s). Returns the status and whether it exited in time.
     pub fn stop(&mut self) -> (ExitStatus, bool) {
         self.proc.stop()

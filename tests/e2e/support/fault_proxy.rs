@@ -22,6 +22,19 @@ pub enum Mode {
     Corrupt,
     /// The right headers (full Content-Length), then the connection closes after this many bytes.
     CutAfter(usize),
+    /// `CutAfter` for the next blob GET only; then honest, Range requests included.
+    CutOnce(usize),
+    /// The next `times` requests of any kind are answered with `status` (and `Retry-After`
+    /// when given) without reaching the registry; then honest.
+    Fail {
+        status: u16,
+        times: usize,
+        retry_after: Option<u64>,
+    },
+    /// The next `times` connections are closed without an answer; then honest.
+    Reset {
+        times: usize,
+    },
 }
 
 /// One request the proxy received.
@@ -148,6 +161,28 @@ fn is_blob_path(path: &str) -> bool {
             .is_some_and(|(_, d)| d.starts_with("sha256:") && !d.contains('/'))
 }
 
+/// The mode for this request, counting down the modes that apply a number of times.
+fn take_mode(s: &Shared, blob_get: bool) -> Mode {
+    let mut mode = s.mode.lock().unwrap();
+    let now = *mode;
+    *mode = match now {
+        Mode::CutOnce(_) if blob_get => Mode::Honest,
+        Mode::Fail { times, .. } | Mode::Reset { times } if times <= 1 => Mode::Honest,
+        Mode::Fail {
+            status,
+            times,
+            retry_after,
+        } => Mode::Fail {
+            status,
+            times: times - 1,
+            retry_after,
+        },
+        Mode::Reset { times } => Mode::Reset { times: times - 1 },
+        other => other,
+    };
+    now
+}
+
 /// Serves one request of `client` through a fresh connection to the registry.
 fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -160,7 +195,7 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
     let method = parts.next().unwrap_or("").to_string();
     let target = parts.next().unwrap_or("");
     let path = target.split('?').next().unwrap_or("").to_string();
-    let mode = *s.mode.lock().unwrap();
+    let mode = take_mode(s, method == "GET" && is_blob_path(&path));
     let range = header(&req_headers, "range").map(str::to_string);
     s.requests.lock().unwrap().push(Logged {
         method: method.clone(),
@@ -168,8 +203,31 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
         range: range.clone(),
         mode,
     });
-    let faulty_blob_get = method == "GET" && is_blob_path(&path) && mode != Mode::Honest;
-    if faulty_blob_get {
+    match mode {
+        Mode::Reset { .. } => {
+            let _ = to_client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        Mode::Fail {
+            status,
+            retry_after,
+            ..
+        } => {
+            let mut head = format!("HTTP/1.1 {status} Injected\r\nContent-Length: 0\r\n");
+            if let Some(secs) = retry_after {
+                head += &format!("Retry-After: {secs}\r\n");
+            }
+            head += "Connection: close\r\n\r\n";
+            to_client.write_all(head.as_bytes())?;
+            let _ = to_client.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let faulty_blob_get = method == "GET"
+        && is_blob_path(&path)
+        && matches!(mode, Mode::Corrupt | Mode::CutAfter(_) | Mode::CutOnce(_));
+    if faulty_blob_get && !matches!(mode, Mode::CutOnce(_)) {
         // Like a server that ignores Range: a faulty upstream answers every blob GET in full
         // (and faultily), so resuming with Range cannot get around the fault.
         req_headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range"));
@@ -207,7 +265,7 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
             }
             to_client.write_all(&body)?;
         }
-        (true, Some(_), Mode::CutAfter(n)) => {
+        (true, Some(_), Mode::CutAfter(n) | Mode::CutOnce(n)) => {
             std::io::copy(&mut (&mut from_upstream).take(n as u64), &mut to_client)?;
             to_client.flush()?;
             // Drop the connection mid-body.
