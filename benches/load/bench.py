@@ -309,10 +309,15 @@ class Bench:
         empty = self.time_to_serve(None, None)
         cache = self.st.dir("big-cache") / "cache"
         last = make_cache(cache, n)
-        full = self.time_to_serve(cache, last)
+        # The first start finds only the objects; a clean stop saves what the next start
+        # reads instead of looking at every file, so a restart is measured too.
+        first = self.time_to_serve(cache, last)
+        again = self.time_to_serve(cache, last)
         self.row("start → /v2/ answered, empty cache", "s", dockside=empty[0])
-        self.row(f"start → /v2/ answered, {n:,} cached blobs", "s", dockside=full[0])
-        self.row(f"start → a cached blob served, {n:,} cached blobs", "s", dockside=full[1])
+        for label, (ready, served) in (("first start", first), ("restart", again)):
+            self.row(f"start → /v2/ answered, {n:,} cached blobs, {label}", "s", dockside=ready)
+            self.row(f"start → a cached blob served, {n:,} cached blobs, {label}", "s",
+                     dockside=served)
 
     def time_to_serve(self, cache, blob):
         """Seconds from spawning dockside to its first 200 on /v2/, and on `blob` if given."""
