@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,14 +57,10 @@ FULL = Sizes(
     pull_rounds=5,
 )
 # Same shape, smaller: a smoke run that every part still goes through.
-QUICK = Sizes(
-    small=[2 * MiB],
-    medium=[30 * MiB, 15 * MiB, 5 * MiB],
+QUICK = replace(
+    FULL,
     large=[64 * MiB],
-    blob=50 * MiB,
     herd_blob=64 * MiB,
-    herd_clients=20,
-    rss_clients=100,
     cached_objects=10_000,
     wrk_seconds=3,
     wrk_repeats=1,
@@ -489,8 +485,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        sys.exit(130)
+    c.run_main(main)

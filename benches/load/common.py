@@ -50,6 +50,15 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def run_main(main):
+    """Exit with main's status; Ctrl-C (and SIGTERM, see Stack) exits 130 once all is stopped."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        sys.exit(130)
+
+
 def raise_fd_limit(want=65536):
     """Children inherit this: 1000 client sockets plus the server's own need more than 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
