@@ -49,6 +49,12 @@ pub enum ApiError {
     UpstreamUnavailable { upstream: String, reason: String },
     #[error("upstream {upstream} timed out: {reason}")]
     UpstreamTimeout { upstream: String, reason: String },
+    /// The client did not authenticate to dockside (`client_auth`).
+    #[error("{0}")]
+    ClientUnauthorized(String),
+    /// The client may not pull from this upstream.
+    #[error("{0}")]
+    ClientDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -66,7 +72,8 @@ impl ApiError {
             // The upstream refused *our* credentials: nothing the client can fix, and a 401
             // would need a challenge for credentials dockside does not take.
             Unauthorized { .. } => StatusCode::BAD_GATEWAY,
-            Denied { .. } => StatusCode::FORBIDDEN,
+            Denied { .. } | ClientDenied(_) => StatusCode::FORBIDDEN,
+            ClientUnauthorized(_) => StatusCode::UNAUTHORIZED,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ManifestTooLarge { .. } | DigestMismatch { .. } | UpstreamUnavailable { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -88,8 +95,8 @@ impl ApiError {
             TagInvalid(_) => "TAG_INVALID",
             Unsupported(_) | NotFound(_) => "UNSUPPORTED",
             RangeNotSatisfiable(..) => "BLOB_UNKNOWN",
-            Unauthorized { .. } => "UNAUTHORIZED",
-            Denied { .. } => "DENIED",
+            Unauthorized { .. } | ClientUnauthorized(_) => "UNAUTHORIZED",
+            Denied { .. } | ClientDenied(_) => "DENIED",
             TooManyRequests { .. } => "TOOMANYREQUESTS",
             ManifestTooLarge { .. } => "MANIFEST_INVALID",
             UpstreamUnavailable { .. } | UpstreamTimeout { .. } => "UNAVAILABLE",
@@ -106,6 +113,9 @@ impl ApiError {
             } => vec![("Retry-After", secs.to_string())],
             ApiError::RangeNotSatisfiable(_, len) => {
                 vec![("Content-Range", format!("bytes */{len}"))]
+            }
+            ApiError::ClientUnauthorized(_) => {
+                vec![("WWW-Authenticate", r#"Basic realm="dockside""#.to_string())]
             }
             _ => Vec::new(),
         }

@@ -12,6 +12,7 @@ use http::{Method, StatusCode};
 use moka::sync::Cache;
 use tracing::{debug, warn};
 
+use crate::client_auth::ClientAuth;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::fill::{BlobBody, BlobSource, Fills, content_length, wait_started};
@@ -41,6 +42,7 @@ pub struct ApiRequest {
     pub query: Option<String>,
     pub accept: Vec<String>,
     pub range: Option<String>,
+    pub authorization: Option<String>,
 }
 
 pub enum Body {
@@ -142,6 +144,8 @@ pub struct Mirror {
     manifests: Cache<Digest, Arc<Manifest>>,
     manifest_flights: SingleFlight<Digest, Result<Arc<Manifest>, ApiError>>,
     tag_flights: SingleFlight<TagKey, ManifestResult>,
+    /// `client_auth`; `None`: open to anyone who can connect.
+    client_auth: Option<ClientAuth>,
     /// Set once shutdown has begun.
     stopping: std::sync::atomic::AtomicBool,
     /// `cache.pin`, resolved to upstream and repository.
@@ -189,6 +193,7 @@ impl Mirror {
             upstreams,
             pins,
             stopping: Default::default(),
+            client_auth: config.client_auth.as_ref().map(ClientAuth::new),
             fills: Fills::new(store.clone(), metrics.clone()),
             store,
             tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
@@ -331,17 +336,30 @@ impl Mirror {
         &self.store
     }
 
-    /// Answer one registry request.
+    /// Answer one registry request from a client (authenticated when `client_auth` is set).
     pub async fn handle(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        let client = match &self.client_auth {
+            Some(auth) => match auth.authenticate(req.authorization.as_deref()).await {
+                Ok(client) => Some(client),
+                Err(e) => return with_api_version(ApiResponse::error(&e)),
+            },
+            None => None,
+        };
+        self.serve(req, client.as_deref()).await
+    }
+
+    /// Answer a request dockside makes of itself (prefetch, the admin API): no client, so no
+    /// authentication and no access limits.
+    pub async fn handle_internal(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        self.serve(req, None).await
+    }
+
+    async fn serve(self: &Arc<Self>, req: &ApiRequest, client: Option<&str>) -> ApiResponse {
         let route = match route::parse(&req.method, &req.path, req.query.as_deref()) {
             Ok(route) => route,
             Err(e) => return ApiResponse::error(&e.into()),
         };
-        let mut resp = self.dispatch(&route, req).await;
-        resp.headers.push((
-            "Docker-Distribution-API-Version",
-            "registry/2.0".to_string(),
-        ));
+        let mut resp = with_api_version(self.dispatch(&route, req, client).await);
         if let Some(ns) = &route.ns {
             resp.headers.push(("OCI-Namespace", ns.clone()));
         }
@@ -357,7 +375,12 @@ impl Mirror {
         resp
     }
 
-    async fn dispatch(self: &Arc<Self>, route: &Route, req: &ApiRequest) -> ApiResponse {
+    async fn dispatch(
+        self: &Arc<Self>,
+        route: &Route,
+        req: &ApiRequest,
+        client: Option<&str>,
+    ) -> ApiResponse {
         let (name, kind) = match &route.target {
             Target::Ping => {
                 let mut resp = ApiResponse::new(StatusCode::OK, Outcome::Hit);
@@ -378,6 +401,13 @@ impl Mirror {
             Ok(resolved) => resolved,
             Err(e) => return ApiResponse::error(&e),
         };
+        if let (Some(auth), Some(client)) = (&self.client_auth, client) {
+            if !auth.may_read(client, &upstream.name) {
+                let denied =
+                    ApiError::ClientDenied(format!("{client} may not pull from {}", upstream.name));
+                return ApiResponse::error(&denied);
+            }
+        }
         let result = match &route.target {
             Target::Manifest { reference, .. } => {
                 let accept = AcceptSet::from_headers(req.accept.iter().map(String::as_str));
@@ -862,6 +892,16 @@ fn canonical(header: &str) -> &'static str {
         "link" => "Link",
         _ => "OCI-Filters-Applied",
     }
+}
+
+/// Clients check this header to know they are talking to a v2 registry (docker does on its
+/// first `/v2/`, also when that answers 401).
+fn with_api_version(mut resp: ApiResponse) -> ApiResponse {
+    resp.headers.push((
+        "Docker-Distribution-API-Version",
+        "registry/2.0".to_string(),
+    ));
+    resp
 }
 
 fn manifest_unknown(key: &TagKey) -> ApiError {

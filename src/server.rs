@@ -78,6 +78,7 @@ fn api_request(header: &pingora::http::RequestHeader) -> ApiRequest {
         query: header.uri.query().map(str::to_string),
         accept: text("accept"),
         range: text("range").into_iter().next(),
+        authorization: text("authorization").into_iter().next(),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Config {
     pub offline: bool,
     /// `cache.pin` entries.
     pub pin: Vec<String>,
+    /// Appended as is: top-level keys the fields above do not cover (e.g. `client_auth:`).
+    pub extra_yaml: String,
 }
 
 impl Config {
@@ -71,6 +73,7 @@ impl Config {
             max_size: "10GiB".into(),
             offline: false,
             pin: Vec::new(),
+            extra_yaml: String::new(),
         }
     }
 
@@ -134,7 +137,7 @@ impl Config {
         if let Some(d) = &self.default_upstream {
             y += &format!("default_upstream: {}\n", q(d));
         }
-        y
+        y + &self.extra_yaml
     }
 }
 
@@ -186,7 +189,10 @@ impl Dockside {
             let health = format!("http://127.0.0.1:{admin_port}/healthz");
             let v2 = format!("http://127.0.0.1:{port}/v2/");
             let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
-            match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && ok(&v2)) {
+            // 401 too: with client_auth, /v2/ asks for credentials.
+            let answers =
+                |u: &str| super::http::get(u).is_ok_and(|r| [200, 401].contains(&r.status));
+            match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && answers(&v2)) {
                 Ok(()) => {
                     return Dockside {
                         port,
