@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod client_config;
+pub mod airgap;
 pub mod config;
 pub mod error;
 pub mod fill;
