@@ -33,3 +33,6 @@ mod lifecycle;
 
 #[path = "e2e/faults.rs"]
 mod faults;
+
+#[path = "e2e/airgap.rs"]
+mod airgap;

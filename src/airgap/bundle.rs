@@ -27,7 +27,7 @@ use crate::oci::digest::DigestVerifier;
 use crate::oci::manifest;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::{Digest, ImageRef, Reference, RepoName, Tag};
-use crate::store::{BlobStore, DiskStore, Ingest};
+use crate::store::{BlobStore, DiskStore, Ingest, StoreError};
 use crate::tags::TagKey;
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -465,9 +465,12 @@ async fn stage(
         }
         ingest.write(Bytes::from(buf)).await?;
     }
-    let len = ingest
-        .verify()
-        .with_context(|| format!("the bundle's blob {digest} is corrupt"))?;
+    let len = match ingest.verify() {
+        Err(StoreError::DigestMismatch { actual, .. }) => {
+            bail!("the bundle's blob {digest} is corrupt: its content hashes to {actual}")
+        }
+        verified => verified?,
+    };
     if len <= MANIFEST_LIMIT
         && manifest::children(&small)
             .is_some_and(|c| !c.manifests.is_empty() || !c.blobs.is_empty())

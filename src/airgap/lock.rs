@@ -24,10 +24,7 @@ pub enum LockError {
     #[error("a dockside server is using {0}; stop it or use the admin API")]
     Busy(PathBuf),
     #[error("cannot lock {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { path: PathBuf, source: io::Error },
 }
 
 impl CacheLock {
