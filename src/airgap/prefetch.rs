@@ -320,7 +320,7 @@ impl Job<'_> {
         let path = format!("/v2/{}/manifests/{reference}", image.name);
         let resp = self.mirror.handle(&request(image, path)).await;
         if resp.status != StatusCode::OK {
-            return Err(failure(&resp, reference));
+            return Err(failure(&resp));
         }
         match resp.body {
             Body::Full(body) => Ok(Fetched {
@@ -357,7 +357,7 @@ impl Job<'_> {
         let path = format!("/v2/{}/blobs/{digest}", image.name);
         let resp = self.mirror.handle(&request(image, path)).await;
         if resp.status != StatusCode::OK {
-            return Err(failure(&resp, &digest.to_string()));
+            return Err(failure(&resp));
         }
         let Body::Blob(mut body) = resp.body else {
             return Err(format!("{digest}: the mirror answered without a body"));
@@ -388,9 +388,10 @@ fn request(image: &ImageRef, path: String) -> ApiRequest {
     }
 }
 
-fn failure(resp: &ApiResponse, what: &str) -> String {
+/// The mirror's reason (it names the manifest or blob), with the status it answered.
+fn failure(resp: &ApiResponse) -> String {
     let why = resp.error.as_deref().unwrap_or("no reason given");
-    format!("{what}: {} {why}", resp.status.as_u16())
+    format!("{why} ({})", resp.status.as_u16())
 }
 
 /// The fill that served a blob commits it to the store after its last byte is verified; a
@@ -513,7 +514,7 @@ mod tests {
                 },
                 ImageOutcome {
                     image: ImageRef::parse("b:1").unwrap(),
-                    result: Err("b:1: 404 manifest unknown".into()),
+                    result: Err("manifest unknown: library/b:1 (404)".into()),
                 },
                 ImageOutcome {
                     image: ImageRef::parse("c:1").unwrap(),
@@ -527,7 +528,10 @@ mod tests {
         let summary = report.summary();
         assert!(summary.starts_with("prefetched 2 of 3 images"), "{summary}");
         assert!(summary.contains("4 blobs fetched (4.0 KiB)"), "{summary}");
-        assert!(summary.contains("FAILED b:1: b:1: 404"), "{summary}");
+        assert!(
+            summary.contains("FAILED b:1: manifest unknown"),
+            "{summary}"
+        );
     }
 
     #[test]

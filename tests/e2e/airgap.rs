@@ -12,7 +12,7 @@ use crate::support::dockside::{BIN, Config, Dockside, Upstream};
 use crate::support::image::{Format, Image, Index};
 use crate::support::registry::{AccessLine, Auth, Registry};
 use crate::support::skopeo::{self, CmdOut};
-use crate::support::{free_port, http};
+use crate::support::{free_port, http, serial};
 
 /// A cache directory and a config for it, used by the tools and then by `dockside serve`.
 struct Site {
@@ -454,4 +454,45 @@ fn verify_quarantines_a_corrupted_object_and_du_counts_shared_blobs_once() {
         .filter(|l| l.method == "GET" && l.uri.ends_with(&victim.digest))
         .count();
     assert_eq!(gets, 2, "the quarantined layer was fetched again, once");
+}
+
+/// Wall times of the tools on a ~160 MiB image, printed as `MEASURE` lines (run with
+/// `--nocapture`); only correctness is asserted.
+#[test]
+fn measure_prefetch_export_import_verify() {
+    let _heavy = serial::heavy();
+    let reg = Registry::start(Auth::None);
+    let img = Image::generate(740, &[96 << 20, 48 << 20, 16 << 20], Format::Oci);
+    skopeo::push(&reg, "library/big", "v1", &img);
+    let mb = img.layer_bytes() as f64 / (1 << 20) as f64;
+    let connected = Site::new(Config::new(vec![Upstream::hub(&reg)]));
+    let timed = |site: &Site, args: &[&str]| {
+        let r = site.tool(args);
+        r.assert_ok();
+        r.elapsed.as_secs_f64()
+    };
+    let cold = timed(&connected, &["prefetch", "big:v1"]);
+    let warm = timed(&connected, &["prefetch", "big:v1"]);
+    let bundle = connected.dir.path().join("big.tar").display().to_string();
+    let export = timed(&connected, &["export", "--output", &bundle, "big:v1"]);
+    let island = Site::new(Config {
+        offline: true,
+        ..Config::new(vec![nowhere()])
+    });
+    let import = timed(&island, &["import", &bundle]);
+    let verify = timed(&island, &["verify"]);
+    let rate = |s: f64| format!("{s:.2}s ({:.0} MiB/s)", mb / s);
+    eprintln!(
+        "MEASURE airgap {mb:.0} MiB image: prefetch cold {}, again {warm:.2}s; export {}; \
+         import {}; verify {}",
+        rate(cold),
+        rate(export),
+        rate(import),
+        rate(verify)
+    );
+    let d = island.serve(&Config {
+        offline: true,
+        ..Config::new(vec![nowhere()])
+    });
+    assert_pulls(&d, "library/big:v1", &img);
 }
