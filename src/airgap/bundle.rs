@@ -8,7 +8,7 @@
 //! which hashes while it writes, and commits nothing until every object has matched its digest
 //! and every image in the index is complete.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -182,6 +182,9 @@ fn select(cache: &OpenCache, selection: &Selection) -> anyhow::Result<Vec<Root>>
             bail!("{upstream}/{name}:{reference}: not in the cache (no saved tag answer)");
         }
     }
+    // An image named twice (or by two spellings) is exported once.
+    let mut seen = HashSet::new();
+    roots.retain(|r| seen.insert((r.shown(), r.tag.as_ref().map(|(_, a)| a.bits()))));
     Ok(roots)
 }
 
@@ -382,41 +385,22 @@ struct Staged {
 
 /// Load a bundle into the cache. Every object goes through an ingest, which hashes what it
 /// writes; all are committed only when every one matched and every image in `index.json` is
-/// complete. On any error nothing is committed and the staged temp files are deleted.
+/// complete. On any error before that, nothing is committed and the staged temp files are
+/// deleted (the ingests are dropped).
 pub async fn import(cache: &OpenCache, bundle: &Path) -> anyhow::Result<ImportReport> {
     let store = cache.mirror.store();
-    let file = File::open(bundle).with_context(|| format!("open {}", bundle.display()))?;
-    let mut staged = Staged::default();
-    let mut report = ImportReport::default();
-    let mut index = None;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(CHUNK, file));
-    let entries = archive.entries().context("read the bundle")?;
-    for entry in entries {
-        let mut entry = entry.context("read the bundle")?;
-        let path = entry.path()?.to_string_lossy().into_owned();
-        let path = path.trim_start_matches("./");
-        if path == "index.json" {
-            index = Some(read_index(&mut entry)?);
-        } else if let Some(hex) = path.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
-            let digest = Digest::from_hex(hex).map_err(|e| anyhow!("bundle entry {path}: {e}"))?;
-            if store.size_of(&digest).is_some() || staged.digests.contains(&digest) {
-                report.objects_present += usize::from(store.size_of(&digest).is_some());
-                continue;
-            }
-            stage(store, &digest, &mut entry, &mut staged).await?;
-        }
-    }
-    let index = index.ok_or_else(|| {
-        anyhow!(
-            "{}: no index.json: not an OCI image layout",
-            bundle.display()
-        )
-    })?;
-    check_images(store, &index, &staged)?;
-    report.objects_added = staged.ingests.len();
-    report.bytes_added = staged.bytes;
-    report.images = index.manifests.len();
+    let (index, staged, objects_present) = stage_bundle(store, bundle)
+        .await
+        .context("refused, nothing imported")?;
+    let mut report = ImportReport {
+        objects_added: staged.ingests.len(),
+        bytes_added: staged.bytes,
+        objects_present,
+        images: index.manifests.len(),
+        ..ImportReport::default()
+    };
     for ingest in staged.ingests {
+        // Each object committed so far is verified; only the bundle's tags are not restored.
         ingest.commit().await.context("commit an imported object")?;
     }
     restore_tags(cache, &index, &mut report);
@@ -427,6 +411,42 @@ pub async fn import(cache: &OpenCache, bundle: &Path) -> anyhow::Result<ImportRe
     })
     .await?;
     Ok(report)
+}
+
+/// Read the whole tar: stage each object the cache lacks, keep `index.json`, then check that
+/// every image it names is complete. Returns the index, the staged objects and how many of the
+/// bundle's objects the cache already had.
+async fn stage_bundle(
+    store: &DiskStore,
+    bundle: &Path,
+) -> anyhow::Result<(LayoutIndex, Staged, usize)> {
+    let file = File::open(bundle).with_context(|| format!("open {}", bundle.display()))?;
+    let mut staged = Staged::default();
+    let mut present = 0;
+    let mut index = None;
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(CHUNK, file));
+    for entry in archive.entries().context("read the bundle")? {
+        let mut entry = entry.context("read the bundle")?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let path = path.trim_start_matches("./");
+        if path == "index.json" {
+            index = Some(read_index(&mut entry)?);
+            continue;
+        }
+        // Anything else (directories, `oci-layout`, other files) is not content.
+        let Some(hex) = path.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) else {
+            continue;
+        };
+        let digest = Digest::from_hex(hex).map_err(|e| anyhow!("bundle entry {path}: {e}"))?;
+        if store.size_of(&digest).is_some() {
+            present += 1;
+        } else if !staged.digests.contains(&digest) {
+            stage(store, &digest, &mut entry, &mut staged).await?;
+        }
+    }
+    let index = index.ok_or_else(|| anyhow!("no index.json: not an OCI image layout"))?;
+    check_images(store, &index, &staged)?;
+    Ok((index, staged, present))
 }
 
 fn read_index(entry: &mut impl Read) -> anyhow::Result<LayoutIndex> {
@@ -523,6 +543,10 @@ fn check_images(store: &DiskStore, index: &LayoutIndex, staged: &Staged) -> anyh
 fn restore_tags(cache: &OpenCache, index: &LayoutIndex, report: &mut ImportReport) {
     for desc in &index.manifests {
         let Some(key) = tag_key(&desc.annotations) else {
+            report.warnings.push(format!(
+                "{}: no dockside tag annotations; its content was imported, reachable by digest only",
+                desc.annotations.get(REF_NAME).unwrap_or(&desc.digest.to_string())
+            ));
             continue;
         };
         if !cache.has_upstream(&key.upstream) {
@@ -555,4 +579,133 @@ fn tag_key(annotations: &BTreeMap<String, String>) -> Option<TagKey> {
         tag: Tag::parse(annotations.get(TAG)?).ok()?,
         accept,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::BlobStore;
+
+    fn open(dir: &Path) -> OpenCache {
+        let yaml = format!(
+            "listen: \"127.0.0.1:1\"\noffline: true\ncache: {{ dir: {:?}, max_size: 1GiB, tag_ttl: 5m }}\n\
+             upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:1\n",
+            dir.display().to_string()
+        );
+        OpenCache::open(&Config::from_yaml(&yaml, "test").unwrap()).unwrap()
+    }
+
+    /// An OCI image (config and one layer) in the cache, tagged `library/app:v1`.
+    async fn cache_image(cache: &OpenCache, layer: &[u8]) -> (Digest, Digest) {
+        let store = cache.mirror.store();
+        let config = Bytes::from_static(b"{\"os\":\"linux\"}");
+        let layer = Bytes::copy_from_slice(layer);
+        let (c, l) = (Digest::of(&config), Digest::of(&layer));
+        store.put(&c, config).await.unwrap();
+        store.put(&l, layer.clone()).await.unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{c}","size":14}},"layers":[{{"digest":"{l}","size":{}}}]}}"#,
+            media::OCI_MANIFEST,
+            layer.len()
+        );
+        let m = Digest::of(manifest.as_bytes());
+        store.put(&m, Bytes::from(manifest)).await.unwrap();
+        let key = TagKey {
+            upstream: Arc::from("docker.io"),
+            name: RepoName::parse("library/app").unwrap(),
+            tag: Tag::parse("v1").unwrap(),
+            accept: AcceptSet::ALL,
+        };
+        cache
+            .mirror
+            .tags()
+            .insert(key, m.clone(), Duration::from_secs(60));
+        (m, l)
+    }
+
+    fn app() -> Selection {
+        Selection::Images(vec![ImageRef::parse("app:v1").unwrap()])
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bundle_round_trips_objects_and_tags() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let source = open(a.path());
+        let (manifest, layer) = cache_image(&source, b"layer bytes").await;
+        let file = a.path().join("bundle.tar");
+        let exported = export(&source, &app(), &file).unwrap();
+        assert_eq!((exported.images, exported.objects), (1, 3));
+
+        let target = open(b.path());
+        let report = import(&target, &file).await.unwrap();
+        assert_eq!((report.objects_added, report.tags), (3, 1));
+        assert_eq!(target.mirror.store().size_of(&layer), Some(11));
+        let name = RepoName::parse("library/app").unwrap();
+        let answers = target
+            .mirror
+            .tags()
+            .answers("docker.io", &name, &Tag::parse("v1").unwrap());
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].1.digest, manifest);
+        assert!(
+            !answers[0].1.is_fresh(),
+            "imported tags are stale until checked"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_incomplete_image_is_neither_exported_nor_imported() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let source = open(a.path());
+        let (_, layer) = cache_image(&source, b"layer bytes").await;
+        let file = a.path().join("bundle.tar");
+        export(&source, &app(), &file).unwrap();
+
+        // A bundle without the layer's entry: every object in it is right, the image is not whole.
+        let cut = a.path().join("cut.tar");
+        let mut out = tar::Builder::new(File::create(&cut).unwrap());
+        let mut archive = tar::Archive::new(File::open(&file).unwrap());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if !entry.path().unwrap().ends_with(layer.hex()) {
+                let mut header = entry.header().clone();
+                let path = entry.path().unwrap().into_owned();
+                out.append_data(&mut header, path, &mut entry).unwrap();
+            }
+        }
+        out.into_inner().unwrap();
+        let target = open(b.path());
+        let err = import(&target, &cut).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("blob {layer} is missing")),
+            "{err:#}"
+        );
+        assert_eq!(target.mirror.store().usage().objects, 0);
+
+        source.mirror.store().remove(&layer).await.unwrap();
+        let err = export(&source, &app(), &a.path().join("again.tar")).unwrap_err();
+        assert!(
+            err.to_string().contains("docker.io/library/app:v1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tag_annotations_cannot_name_a_path_outside_the_tag_cache() {
+        let annotations = |upstream: &str| {
+            BTreeMap::from([
+                (UPSTREAM.to_string(), upstream.to_string()),
+                (REPOSITORY.to_string(), "library/app".to_string()),
+                (TAG.to_string(), "v1".to_string()),
+            ])
+        };
+        assert!(tag_key(&annotations("docker.io")).is_some());
+        for bad in ["..", "../x", "a/b", ""] {
+            assert!(tag_key(&annotations(bad)).is_none(), "{bad:?}");
+        }
+        let mut bad_repo = annotations("docker.io");
+        bad_repo.insert(REPOSITORY.to_string(), "../../etc".to_string());
+        assert!(tag_key(&bad_repo).is_none());
+    }
 }

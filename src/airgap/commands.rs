@@ -79,7 +79,7 @@ pub fn import(config: &Config, file: &Path) -> anyhow::Result<()> {
     let cache = OpenCache::open(config)?;
     let report = runtime()?
         .block_on(bundle::import(&cache, file))
-        .map_err(|e| anyhow!("{}: refused, nothing imported: {e:#}", file.display()))?;
+        .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
