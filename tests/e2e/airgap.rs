@@ -247,6 +247,49 @@ fn prefetch_names_each_image_that_failed_and_keeps_the_rest() {
     }
 }
 
+/// GETs upstream of each of `img`'s blobs in `lines`.
+fn blob_fetches(lines: &[AccessLine], img: &Image) -> Vec<usize> {
+    img.blobs()
+        .iter()
+        .map(|b| {
+            lines
+                .iter()
+                .filter(|l| l.method == "GET" && l.uri.ends_with(&b.digest))
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn platform_choice_picks_the_index_entries() {
+    let reg = Registry::start(Auth::None);
+    let multi = Index::generate(711, &[30_000], Format::Oci, &["amd64", "arm64"]);
+    skopeo::push(&reg, "library/multi", "v1", &multi);
+    let (amd64, arm64) = (multi.image("amd64"), multi.image("arm64"));
+    let site = Site::new(Config::new(vec![Upstream::hub(&reg)]));
+
+    let r = site.tool(&["prefetch", "--platform", "linux/s390x", "multi:v1"]);
+    assert!(!r.success(), "a platform the index lacks was prefetched");
+    assert!(
+        r.stdout
+            .contains("the index has no manifest for linux/s390x"),
+        "{}",
+        r.stdout
+    );
+
+    site.tool(&["prefetch", "--platform", "linux/arm64", "multi:v1"])
+        .assert_ok();
+    let log = reg.access_log();
+    assert_eq!(blob_fetches(&log, arm64), vec![1, 1]);
+    assert_eq!(blob_fetches(&log, amd64), vec![0, 0]);
+
+    site.tool(&["prefetch", "--all-platforms", "multi:v1"])
+        .assert_ok();
+    let log = reg.access_log();
+    assert_eq!(blob_fetches(&log, arm64), vec![1, 1], "arm64 fetched again");
+    assert_eq!(blob_fetches(&log, amd64), vec![1, 1]);
+}
+
 #[test]
 fn export_then_import_serves_pulls_where_there_is_no_upstream() {
     let mut reg = Registry::start(Auth::None);
@@ -342,7 +385,14 @@ fn a_tampered_bundle_is_refused_and_leaves_nothing_behind() {
     connected
         .tool(&["export", "--output", &bundle_s, "alpha:v1"])
         .assert_ok();
-    let bad = alpha.layers[1].clone();
+    // The bundle holds objects in digest order: with the later layer spoiled, the other one
+    // is staged (and must still not be committed) before the bad one is met.
+    let bad = alpha
+        .layers
+        .iter()
+        .max_by_key(|l| &l.digest)
+        .unwrap()
+        .clone();
     flip_byte_of(&bundle, &bad.data);
 
     let island = Site::new(Config {
