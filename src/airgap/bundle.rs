@@ -593,7 +593,7 @@ mod tests {
              upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:1\n",
             dir.display().to_string()
         );
-        OpenCache::open(&Config::from_yaml(&yaml, "test").unwrap()).unwrap()
+        OpenCache::open(&Config::from_yaml(&yaml, "test").unwrap(), "test").unwrap()
     }
 
     /// An OCI image (config and one layer) in the cache, tagged `library/app:v1`.

@@ -39,7 +39,7 @@ pub fn prefetch(
     if images.is_empty() {
         bail!("no images to prefetch: name some, or give --file");
     }
-    let cache = OpenCache::open(config)?;
+    let cache = OpenCache::open(config, "prefetch")?;
     let bars = Bars::new(images);
     let report = runtime()?.block_on(prefetch::prefetch(&cache.mirror, images, platforms, &bars));
     bars.finish();
@@ -60,7 +60,7 @@ pub fn prefetch(
 }
 
 pub fn export(config: &Config, selection: &Selection, output: &Path) -> anyhow::Result<()> {
-    let cache = OpenCache::open(config)?;
+    let cache = OpenCache::open(config, "export")?;
     let report = bundle::export(&cache, selection, output)?;
     for skipped in &report.skipped {
         eprintln!("skipped {skipped}");
@@ -76,7 +76,7 @@ pub fn export(config: &Config, selection: &Selection, output: &Path) -> anyhow::
 }
 
 pub fn import(config: &Config, file: &Path) -> anyhow::Result<()> {
-    let cache = OpenCache::open(config)?;
+    let cache = OpenCache::open(config, "import")?;
     let report = runtime()?
         .block_on(bundle::import(&cache, file))
         .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
@@ -95,7 +95,7 @@ pub fn import(config: &Config, file: &Path) -> anyhow::Result<()> {
 }
 
 pub fn verify(config: &Config) -> anyhow::Result<()> {
-    let cache = OpenCache::open(config)?;
+    let cache = OpenCache::open(config, "verify")?;
     let report = runtime()?.block_on(check::verify(&cache))?;
     print!(
         "{}",
@@ -111,7 +111,7 @@ pub fn verify(config: &Config) -> anyhow::Result<()> {
 }
 
 pub fn du(config: &Config) -> anyhow::Result<()> {
-    let cache = OpenCache::open(config)?;
+    let cache = OpenCache::open(config, "du")?;
     print!("{}", check::du(&cache).render());
     Ok(())
 }

@@ -29,8 +29,9 @@ pub struct OpenCache {
 }
 
 impl OpenCache {
-    pub fn open(config: &Config) -> anyhow::Result<OpenCache> {
-        let lock = CacheLock::acquire(&config.cache.dir)?;
+    /// Open the cache of `config` for the tool named `what` (it names the lock's holder).
+    pub fn open(config: &Config, what: &str) -> anyhow::Result<OpenCache> {
+        let lock = CacheLock::acquire(&config.cache.dir, what)?;
         let metrics = Arc::new(Metrics::new());
         Ok(OpenCache {
             mirror: Mirror::new(config, metrics.clone())?,

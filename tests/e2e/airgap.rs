@@ -493,7 +493,7 @@ fn verify_quarantines_a_corrupted_object_and_du_counts_shared_blobs_once() {
     assert!(!r.status.success(), "du ran beside a server");
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(
-        stderr.contains("a dockside server is using")
+        stderr.contains("a dockside server (pid ")
             && stderr.contains("stop it or use the admin API"),
         "{stderr}"
     );
