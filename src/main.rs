@@ -52,6 +52,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// Platforms to take from multi-platform images, comma-separated (os/arch[/variant]).
+        /// The default is linux/amd64 whatever machine runs the prefetch.
         #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
         platform: String,
         /// Every platform an index lists.
@@ -67,11 +68,13 @@ enum Command {
     Export {
         #[arg(long, short)]
         config: PathBuf,
+        /// The tar to write (replaced only once it is complete).
         #[arg(long, short)]
         output: PathBuf,
         /// Every tag in the cache.
         #[arg(long, conflicts_with = "images")]
         all: bool,
+        /// Image references, as for prefetch.
         #[arg(required_unless_present = "all")]
         images: Vec<String>,
     },
