@@ -6,8 +6,8 @@
 //! the client through pingora. See ARCHITECTURE.md for the full map and its invariants.
 
 pub mod admin;
-pub mod client_config;
 pub mod airgap;
+pub mod client_config;
 pub mod config;
 pub mod error;
 pub mod fill;

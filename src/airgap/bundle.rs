@@ -142,49 +142,50 @@ pub fn export(
 
 /// The roots the selection names: every saved answer of a tag, or the digest itself.
 fn select(cache: &OpenCache, selection: &Selection) -> anyhow::Result<Vec<Root>> {
-    let tags = cache.mirror.tags();
-    let tagged: Vec<(Arc<str>, RepoName, Reference)> = match selection {
-        Selection::All => tags
-            .tagged()
-            .into_iter()
-            .map(|(u, n, t)| (Arc::from(u), n, Reference::Tag(t)))
-            .collect(),
-        Selection::Images(images) => images
-            .iter()
-            .map(|image| {
-                let (upstream, name) = cache.resolve(image)?;
-                Ok((upstream, name, image.reference.clone()))
-            })
-            .collect::<anyhow::Result<_>>()?,
-    };
     let mut roots = Vec::new();
-    for (upstream, name, reference) in tagged {
-        let before = roots.len();
-        match &reference {
-            Reference::Digest(digest) => roots.push(Root {
-                upstream: upstream.clone(),
-                name: name.clone(),
-                tag: None,
-                digest: digest.clone(),
-            }),
-            Reference::Tag(tag) => {
-                for (accept, entry) in tags.answers(&upstream, &name, tag) {
-                    roots.push(Root {
-                        upstream: upstream.clone(),
-                        name: name.clone(),
-                        tag: Some((tag.clone(), accept)),
-                        digest: entry.digest,
-                    });
-                }
+    match selection {
+        Selection::All => roots.extend(cache.mirror.tags().list().into_iter().map(|t| Root {
+            upstream: t.upstream,
+            name: t.name,
+            tag: Some((t.tag, t.accept)),
+            digest: t.digest,
+        })),
+        Selection::Images(images) => {
+            for image in images {
+                roots.extend(named_roots(cache, image)?);
             }
-        }
-        if roots.len() == before && matches!(selection, Selection::Images(_)) {
-            bail!("{upstream}/{name}:{reference}: not in the cache (no saved tag answer)");
         }
     }
     // An image named twice (or by two spellings) is exported once.
     let mut seen = HashSet::new();
     roots.retain(|r| seen.insert((r.shown(), r.tag.as_ref().map(|(_, a)| a.bits()))));
+    Ok(roots)
+}
+
+fn named_roots(cache: &OpenCache, image: &ImageRef) -> anyhow::Result<Vec<Root>> {
+    let (upstream, name) = cache.resolve(image)?;
+    let root = |tag, digest| Root {
+        upstream: upstream.clone(),
+        name: name.clone(),
+        tag,
+        digest,
+    };
+    let roots: Vec<Root> = match &image.reference {
+        Reference::Digest(digest) => vec![root(None, digest.clone())],
+        Reference::Tag(tag) => cache
+            .mirror
+            .tags()
+            .answers(&upstream, &name, tag)
+            .into_iter()
+            .map(|(accept, entry)| root(Some((tag.clone(), accept)), entry.digest))
+            .collect(),
+    };
+    if roots.is_empty() {
+        bail!(
+            "{upstream}/{name}:{}: not in the cache (no saved tag answer)",
+            image.reference
+        );
+    }
     Ok(roots)
 }
 

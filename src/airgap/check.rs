@@ -1,7 +1,7 @@
 //! `dockside verify` (re-hash every object, quarantine the ones that no longer match) and
 //! `dockside du` (what each upstream and repository holds).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read};
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::OpenCache;
 use super::prefetch::human_bytes;
 use crate::inventory;
+use crate::oci::Digest;
 use crate::oci::digest::DigestVerifier;
-use crate::oci::{Digest, Reference};
 use crate::store::{BlobStore, DiskStore};
 
 #[derive(Debug, Default)]
@@ -140,12 +140,12 @@ pub struct DuReport {
 pub fn du(cache: &OpenCache) -> DuReport {
     let store = cache.mirror.store();
     let sizes: BTreeMap<Digest, u64> = store.list().into_iter().collect();
-    let mut by_repo: BTreeMap<(String, String), (usize, Vec<Digest>)> = BTreeMap::new();
-    for (upstream, name, tag) in cache.mirror.tags().tagged() {
-        let roots = inventory::roots(cache.mirror.tags(), &upstream, &name, &Reference::Tag(tag));
-        let entry = by_repo.entry((upstream, name.to_string())).or_default();
-        entry.0 += 1;
-        entry.1.extend(roots);
+    let mut by_repo: BTreeMap<(String, String), (BTreeSet<String>, Vec<Digest>)> = BTreeMap::new();
+    for saved in cache.mirror.tags().list() {
+        let key = (saved.upstream.to_string(), saved.name.to_string());
+        let entry = by_repo.entry(key).or_default();
+        entry.0.insert(saved.tag.to_string());
+        entry.1.push(saved.digest);
     }
     let mut report = DuReport::default();
     let mut by_upstream: BTreeMap<String, HashSet<Digest>> = BTreeMap::new();
@@ -159,7 +159,7 @@ pub fn du(cache: &OpenCache) -> DuReport {
         report.repositories.push(RepoUsage {
             upstream: upstream.clone(),
             repository,
-            tags,
+            tags: tags.len(),
             size: size_of(&sizes, reached.iter()),
         });
         by_upstream
