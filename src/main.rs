@@ -100,8 +100,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The tools print their own report; their logs only need to say what went wrong.
     let default_level = match cli.command {
-        Command::Serve { .. } | Command::CheckConfig { .. } => "info",
-        _ => "warn",
+        Command::Prefetch { .. }
+        | Command::Export { .. }
+        | Command::Import { .. }
+        | Command::Verify { .. }
+        | Command::Du { .. } => "warn",
+        _ => "info",
     };
     init_logging(cli.log_format, default_level);
     match run(cli.command) {
