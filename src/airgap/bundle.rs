@@ -543,9 +543,10 @@ fn check_images(store: &DiskStore, index: &LayoutIndex, staged: &Staged) -> anyh
 /// them as they are, an online one asks its upstream once before trusting them.
 fn restore_tags(cache: &OpenCache, index: &LayoutIndex, report: &mut ImportReport) {
     for desc in &index.manifests {
-        let Some(key) = tag_key(&desc.annotations) else {
+        let key = tag_key(&desc.annotations).or_else(|| ref_name_key(cache, &desc.annotations));
+        let Some(key) = key else {
             report.warnings.push(format!(
-                "{}: no dockside tag annotations; its content was imported, reachable by digest only",
+                "{}: no tag dockside can place (no dockside annotations, and no ref name of the form host/repository:tag naming a configured upstream); its content was imported, reachable by digest only",
                 desc.annotations.get(REF_NAME).unwrap_or(&desc.digest.to_string())
             ));
             continue;
@@ -562,6 +563,24 @@ fn restore_tags(cache: &OpenCache, index: &LayoutIndex, report: &mut ImportRepor
             .insert(key, desc.digest.clone(), Duration::ZERO);
         report.tags += 1;
     }
+}
+
+/// A layout written by another tool: a ref name that is a full reference with a tag, whose
+/// host is a configured upstream, is taken as that tag (for every Accept set). A bare ref name
+/// (`v1`) says nothing about the repository, so it is not guessed at.
+fn ref_name_key(cache: &OpenCache, annotations: &BTreeMap<String, String>) -> Option<TagKey> {
+    let image = ImageRef::parse(annotations.get(REF_NAME)?).ok()?;
+    let (Some(_), Reference::Tag(tag)) = (&image.host, &image.reference) else {
+        return None;
+    };
+    // Resolving refuses a host that names no upstream (or alias) of this config.
+    let (upstream, name) = cache.resolve(&image).ok()?;
+    Some(TagKey {
+        upstream,
+        name,
+        tag: tag.clone(),
+        accept: AcceptSet::ALL,
+    })
 }
 
 fn tag_key(annotations: &BTreeMap<String, String>) -> Option<TagKey> {
@@ -629,14 +648,41 @@ mod tests {
         Selection::Images(vec![ImageRef::parse("app:v1").unwrap()])
     }
 
+    /// A cache in `dir` holding the test image (manifest and layer digests), exported whole to
+    /// `dir/bundle.tar`.
+    async fn exported(dir: &Path) -> (OpenCache, Digest, Digest, PathBuf) {
+        let source = open(dir);
+        let (manifest, layer) = cache_image(&source, b"layer bytes").await;
+        let file = dir.join("bundle.tar");
+        let report = export(&source, &app(), &file).unwrap();
+        assert_eq!((report.images, report.objects), (1, 3));
+        (source, manifest, layer, file)
+    }
+
+    /// Copy a bundle entry by entry. `change` returns `None` to keep an entry, `Some(None)` to
+    /// drop it, `Some(Some(bytes))` to replace its content.
+    fn rewrite_bundle(from: &Path, to: &Path, change: impl Fn(&str) -> Option<Option<Vec<u8>>>) {
+        let mut out = tar::Builder::new(File::create(to).unwrap());
+        let mut archive = tar::Archive::new(File::open(from).unwrap());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            match change(&path) {
+                None => {
+                    let mut header = entry.header().clone();
+                    out.append_data(&mut header, &path, &mut entry).unwrap();
+                }
+                Some(Some(bytes)) => append_bytes(&mut out, &path, &bytes).unwrap(),
+                Some(None) => {}
+            }
+        }
+        out.into_inner().unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_bundle_round_trips_objects_and_tags() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let source = open(a.path());
-        let (manifest, layer) = cache_image(&source, b"layer bytes").await;
-        let file = a.path().join("bundle.tar");
-        let exported = export(&source, &app(), &file).unwrap();
-        assert_eq!((exported.images, exported.objects), (1, 3));
+        let (_source, manifest, layer, file) = exported(a.path()).await;
 
         let target = open(b.path());
         let report = import(&target, &file).await.unwrap();
@@ -658,24 +704,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn an_incomplete_image_is_neither_exported_nor_imported() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let source = open(a.path());
-        let (_, layer) = cache_image(&source, b"layer bytes").await;
-        let file = a.path().join("bundle.tar");
-        export(&source, &app(), &file).unwrap();
+        let (source, _, layer, file) = exported(a.path()).await;
 
         // A bundle without the layer's entry: every object in it is right, the image is not whole.
         let cut = a.path().join("cut.tar");
-        let mut out = tar::Builder::new(File::create(&cut).unwrap());
-        let mut archive = tar::Archive::new(File::open(&file).unwrap());
-        for entry in archive.entries().unwrap() {
-            let mut entry = entry.unwrap();
-            if !entry.path().unwrap().ends_with(layer.hex()) {
-                let mut header = entry.header().clone();
-                let path = entry.path().unwrap().into_owned();
-                out.append_data(&mut header, path, &mut entry).unwrap();
-            }
-        }
-        out.into_inner().unwrap();
+        rewrite_bundle(&file, &cut, |path| {
+            path.ends_with(&layer.hex()).then_some(None)
+        });
         let target = open(b.path());
         let err = import(&target, &cut).await.unwrap_err();
         assert!(
@@ -690,6 +725,42 @@ mod tests {
             err.to_string().contains("docker.io/library/app:v1"),
             "{err}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_layout_from_another_tool_keeps_tags_its_ref_names_place() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_source, manifest, _, file) = exported(a.path()).await;
+        // Rewrite index.json as another tool would: three descriptors, ref names only.
+        let descriptor = |name: &str| {
+            format!(
+                r#"{{"mediaType":"{}","digest":"{manifest}","size":1,"annotations":{{"{REF_NAME}":"{name}"}}}}"#,
+                media::OCI_MANIFEST
+            )
+        };
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{},{},{}]}}"#,
+            descriptor("docker.io/team/app:2.0"),
+            descriptor("v1"),
+            descriptor("quay.io/x/y:1")
+        );
+        let foreign = a.path().join("foreign.tar");
+        rewrite_bundle(&file, &foreign, |path| {
+            (path == "index.json").then(|| Some(index.clone().into_bytes()))
+        });
+
+        let target = open(b.path());
+        let report = import(&target, &foreign).await.unwrap();
+        assert_eq!(report.tags, 1);
+        assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
+        let saved: Vec<String> = target
+            .mirror
+            .tags()
+            .list()
+            .iter()
+            .map(|t| format!("{}/{}:{} {}", t.upstream, t.name, t.tag, t.digest))
+            .collect();
+        assert_eq!(saved, vec![format!("docker.io/team/app:2.0 {manifest}")]);
     }
 
     #[test]
