@@ -6,6 +6,7 @@
 //! the client through pingora. See ARCHITECTURE.md for the full map and its invariants.
 
 pub mod admin;
+pub mod airgap;
 pub mod client_auth;
 pub mod client_config;
 pub mod config;

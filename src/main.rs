@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use dockside::airgap::bundle::Selection;
+use dockside::airgap::commands as airgap;
+use dockside::airgap::prefetch::PlatformChoice;
 use dockside::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -44,11 +47,67 @@ enum Command {
     },
     /// Print the file(s) that point a registry client at this mirror for every upstream.
     ClientConfig(client_config_cli::Args),
+    /// Fetch images into the cache ahead of time (index, chosen platforms, configs, layers).
+    Prefetch {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Platforms to take from multi-platform images, comma-separated (os/arch[/variant]).
+        /// The default is linux/amd64 whatever machine runs the prefetch.
+        #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
+        platform: String,
+        /// Every platform an index lists.
+        #[arg(long)]
+        all_platforms: bool,
+        /// A file of image references, one per line (# starts a comment).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Image references: [host/]name[:tag|@digest]; a host names an upstream.
+        images: Vec<String>,
+    },
+    /// Write cached images to a tar in the OCI image layout (readable by skopeo oci-archive:).
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The tar to write (replaced only once it is complete).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Every tag in the cache.
+        #[arg(long, conflicts_with = "images")]
+        all: bool,
+        /// Image references, as for prefetch.
+        #[arg(required_unless_present = "all")]
+        images: Vec<String>,
+    },
+    /// Load a bundle made by export into the cache, verifying every digest; all or nothing.
+    Import {
+        #[arg(long, short)]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Re-hash every cached object; move mismatches to <cache.dir>/quarantine (exit 1 if any).
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Cache usage by upstream and repository.
+    Du {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The tools print their own report; their logs only need to say what went wrong.
+    let default_level = match cli.command {
+        Command::Prefetch { .. }
+        | Command::Export { .. }
+        | Command::Import { .. }
+        | Command::Verify { .. }
+        | Command::Du { .. } => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -75,12 +134,42 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::ClientConfig(args) => client_config_cli::run(args),
+        Command::Prefetch {
+            config,
+            platform,
+            all_platforms,
+            file,
+            images,
+        } => {
+            let platforms = match all_platforms {
+                true => PlatformChoice::All,
+                false => PlatformChoice::parse(&platform).map_err(anyhow::Error::msg)?,
+            };
+            let images = airgap::images(&images, file.as_deref())?;
+            airgap::prefetch(&Config::load(&config)?, &images, &platforms)
+        }
+        Command::Export {
+            config,
+            output,
+            all,
+            images,
+        } => {
+            let selection = match all {
+                true => Selection::All,
+                false => Selection::Images(airgap::images(&images, None)?),
+            };
+            airgap::export(&Config::load(&config)?, &selection, &output)
+        }
+        Command::Import { config, file } => airgap::import(&Config::load(&config)?, &file),
+        Command::Verify { config } => airgap::verify(&Config::load(&config)?),
+        Command::Du { config } => airgap::du(&Config::load(&config)?),
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     // try_init also bridges the `log` crate (which pingora logs through) into tracing.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

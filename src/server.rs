@@ -182,6 +182,7 @@ pub fn run(
     shutdown: impl ShutdownSignalWatch + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     check_listen_addresses(&config)?;
+    let _lock = crate::airgap::CacheLock::acquire(&config.cache.dir, crate::airgap::lock::SERVER)?;
     let metrics = Arc::new(Metrics::new());
     let mirror = Mirror::new(&config, metrics)?;
     mirror.start_maintenance();

@@ -34,5 +34,7 @@ mod lifecycle;
 #[path = "e2e/faults.rs"]
 mod faults;
 
+#[path = "e2e/airgap.rs"]
+mod airgap;
 #[path = "e2e/client_auth.rs"]
 mod client_auth;

@@ -1,0 +1,229 @@
+//! `dockside verify` (re-hash every object, quarantine the ones that no longer match) and
+//! `dockside du` (what each upstream and repository holds).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::OpenCache;
+use super::prefetch::human_bytes;
+use crate::inventory;
+use crate::oci::Digest;
+use crate::oci::digest::DigestVerifier;
+use crate::store::{BlobStore, DiskStore};
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub bytes: u64,
+    /// Objects moved to `quarantine/` (or forgotten, when their file was gone), with why.
+    pub quarantined: Vec<(Digest, String)>,
+    pub elapsed: Duration,
+}
+
+impl VerifyReport {
+    pub fn summary(&self, quarantine: &Path) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        let mut out = format!(
+            "verified {} objects ({}) in {secs:.1}s ({}/s): {} bad\n",
+            self.checked,
+            human_bytes(self.bytes),
+            human_bytes((self.bytes as f64 / secs.max(1e-3)) as u64),
+            self.quarantined.len()
+        );
+        for (digest, why) in &self.quarantined {
+            let _ = writeln!(out, "QUARANTINED {digest}: {why}");
+        }
+        if !self.quarantined.is_empty() {
+            let _ = writeln!(out, "moved to {}", quarantine.display());
+        }
+        out
+    }
+}
+
+/// Where bad objects go: inside the cache directory (same filesystem, so a rename), outside
+/// `objects/`, so the index never sees them again and an operator can inspect them.
+pub fn quarantine_dir(store: &DiskStore) -> PathBuf {
+    store.root().join("quarantine")
+}
+
+/// Hash every object in the store against its name. A mismatch (or an unreadable file) is
+/// moved to [`quarantine_dir`] and dropped from the index, so the next request fetches it
+/// again from upstream.
+pub async fn verify(cache: &OpenCache) -> anyhow::Result<VerifyReport> {
+    let store = cache.mirror.store();
+    let started = Instant::now();
+    let mut report = VerifyReport::default();
+    for (digest, _) in store.list() {
+        let path = store.path_of(&digest);
+        let hashed = tokio::task::spawn_blocking(move || hash_file(&path)).await?;
+        let why = match hashed {
+            Ok((actual, len)) => {
+                report.bytes += len;
+                if actual == digest {
+                    report.checked += 1;
+                    continue;
+                }
+                format!("content hashes to {actual}")
+            }
+            Err(e) => format!("cannot read it: {e}"),
+        };
+        report.checked += 1;
+        quarantine(store, &digest).await?;
+        report.quarantined.push((digest, why));
+    }
+    let mirror = cache.mirror.clone();
+    tokio::task::spawn_blocking(move || mirror.save_state()).await?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut file = fs::File::open(path)?;
+    let mut verifier = DigestVerifier::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut len = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((verifier.finish(), len));
+        }
+        verifier.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+async fn quarantine(store: &DiskStore, digest: &Digest) -> anyhow::Result<()> {
+    let dir = quarantine_dir(store);
+    fs::create_dir_all(&dir)?;
+    match fs::rename(store.path_of(digest), dir.join(digest.hex())) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    // The file is gone already; this takes it out of the index.
+    store.remove(digest).await?;
+    Ok(())
+}
+
+/// Objects and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Size {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RepoUsage {
+    pub upstream: String,
+    pub repository: String,
+    pub tags: usize,
+    pub size: Size,
+}
+
+#[derive(Debug, Default)]
+pub struct DuReport {
+    /// Each repository counts every object its tags reach, shared or not.
+    pub repositories: Vec<RepoUsage>,
+    /// Per upstream, each object once.
+    pub upstreams: Vec<(String, Size)>,
+    /// Objects no tag reaches (pulled by digest only, or left by a retag).
+    pub unreferenced: Size,
+    /// Everything in the store, each object once.
+    pub total: Size,
+}
+
+/// Usage by upstream and repository, from the saved tag answers down through the cached
+/// manifests. Blocking.
+pub fn du(cache: &OpenCache) -> DuReport {
+    let store = cache.mirror.store();
+    let sizes: BTreeMap<Digest, u64> = store.list().into_iter().collect();
+    let mut by_repo: BTreeMap<(String, String), (BTreeSet<String>, Vec<Digest>)> = BTreeMap::new();
+    for saved in cache.mirror.tags().list() {
+        let key = (saved.upstream.to_string(), saved.name.to_string());
+        let entry = by_repo.entry(key).or_default();
+        entry.0.insert(saved.tag.to_string());
+        entry.1.push(saved.digest);
+    }
+    let mut report = DuReport::default();
+    let mut by_upstream: BTreeMap<String, HashSet<Digest>> = BTreeMap::new();
+    let mut referenced = HashSet::new();
+    for ((upstream, repository), (tags, roots)) in by_repo {
+        let reached: HashSet<Digest> = inventory::closure(store, roots, None)
+            .all()
+            .filter(|d| sizes.contains_key(d))
+            .cloned()
+            .collect();
+        report.repositories.push(RepoUsage {
+            upstream: upstream.clone(),
+            repository,
+            tags: tags.len(),
+            size: size_of(&sizes, reached.iter()),
+        });
+        by_upstream
+            .entry(upstream)
+            .or_default()
+            .extend(reached.iter().cloned());
+        referenced.extend(reached);
+    }
+    report.upstreams = by_upstream
+        .into_iter()
+        .map(|(u, set)| (u, size_of(&sizes, set.iter())))
+        .collect();
+    report.unreferenced = size_of(&sizes, sizes.keys().filter(|d| !referenced.contains(*d)));
+    report.total = size_of(&sizes, sizes.keys());
+    report
+}
+
+fn size_of<'a>(sizes: &BTreeMap<Digest, u64>, digests: impl Iterator<Item = &'a Digest>) -> Size {
+    let mut size = Size::default();
+    for d in digests {
+        size.objects += 1;
+        size.bytes += sizes.get(d).copied().unwrap_or(0);
+    }
+    size
+}
+
+impl DuReport {
+    /// A table: repositories under their upstream, then the unreferenced line and the total.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{:<48} {:>5} {:>8} {:>12}\n",
+            "UPSTREAM / REPOSITORY", "TAGS", "OBJECTS", "SIZE"
+        );
+        let row = |out: &mut String, label: &str, tags: String, size: &Size| {
+            let _ = writeln!(
+                out,
+                "{label:<48} {tags:>5} {:>8} {:>12}",
+                size.objects,
+                human_bytes(size.bytes)
+            );
+        };
+        for (upstream, size) in &self.upstreams {
+            row(&mut out, upstream, String::new(), size);
+            for repo in self.repositories.iter().filter(|r| &r.upstream == upstream) {
+                row(
+                    &mut out,
+                    &format!("  {}", repo.repository),
+                    repo.tags.to_string(),
+                    &repo.size,
+                );
+            }
+        }
+        row(
+            &mut out,
+            "unreferenced (no tag reaches it)",
+            String::new(),
+            &self.unreferenced,
+        );
+        row(
+            &mut out,
+            "total (shared objects once)",
+            String::new(),
+            &self.total,
+        );
+        out
+    }
+}
