@@ -10,17 +10,28 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use std::sync::Mutex;
+
+use crate::airgap::prefetch::{self, PlatformChoice};
 use crate::inventory;
 use crate::mirror::{Mirror, PurgeTarget};
-use crate::oci::{Digest, RepoName, Tag};
+use crate::oci::{Digest, ImageRef, RepoName, Tag};
 
 pub struct AdminApp {
     mirror: Arc<Mirror>,
+    /// Prefetches started through the API, by id: `None` while running.
+    prefetches: Arc<Mutex<Vec<Option<serde_json::Value>>>>,
 }
+
+/// A request body larger than this is refused: image lists, not bundles.
+const BODY_LIMIT: usize = 1 << 20;
 
 impl AdminApp {
     pub fn new(mirror: Arc<Mirror>) -> AdminApp {
-        AdminApp { mirror }
+        AdminApp {
+            mirror,
+            prefetches: Arc::default(),
+        }
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -41,7 +52,14 @@ impl ServeHttp for AdminApp {
         let (method, path) = (header.method.clone(), header.uri.path().to_string());
         let query = header.uri.query().unwrap_or("").to_string();
         if path.starts_with("/api/") {
-            let (status, body) = self.api(&method, &path, &query).await;
+            let body = match read_body(session).await {
+                Ok(body) => body,
+                Err(e) => {
+                    let (status, body) = api_error(StatusCode::BAD_REQUEST, e);
+                    return respond(status, "application/json", body);
+                }
+            };
+            let (status, body) = self.api(&method, &path, &query, &body).await;
             return respond(status, "application/json", body);
         }
         let (status, content_type, body) = match path.as_str() {
@@ -63,6 +81,41 @@ impl ServeHttp for AdminApp {
         };
         respond(status, content_type, body)
     }
+}
+
+fn report_json(report: &prefetch::PrefetchReport) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = report
+        .images
+        .iter()
+        .map(|i| match &i.result {
+            Ok(c) => serde_json::json!({
+                "image": i.image.to_string(), "ok": true,
+                "blobs_fetched": c.blobs_fetched, "blobs_cached": c.blobs_cached,
+                "bytes_fetched": c.bytes_fetched, "bytes_cached": c.bytes_cached,
+            }),
+            Err(e) => serde_json::json!({ "image": i.image.to_string(), "ok": false, "error": e }),
+        })
+        .collect();
+    serde_json::json!({
+        "state": "done",
+        "elapsed_seconds": report.elapsed.as_secs_f64(),
+        "images": images,
+    })
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > BODY_LIMIT {
+            return Err(format!("request body larger than {BODY_LIMIT} bytes"));
+        }
+    }
+    Ok(body)
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -87,8 +140,12 @@ fn api_error(status: StatusCode, message: impl std::fmt::Display) -> ApiAnswer {
 }
 
 impl AdminApp {
-    async fn api(&self, method: &Method, path: &str, query: &str) -> ApiAnswer {
+    async fn api(&self, method: &Method, path: &str, query: &str, body: &[u8]) -> ApiAnswer {
+        if let Some(id) = path.strip_prefix("/api/prefetch/") {
+            return self.prefetch_status(id);
+        }
         match (method, path) {
+            (&Method::POST, "/api/prefetch") => self.start_prefetch(body),
             (&Method::GET, "/api/repositories") => self.repositories().await,
             (&Method::DELETE, "/api/cache") => match self.purge_target(query) {
                 Ok(target) => match self.mirror.purge(target).await {
@@ -102,6 +159,67 @@ impl AdminApp {
                 format!("{method} is not allowed on {path}"),
             ),
             _ => api_error(StatusCode::NOT_FOUND, format!("no admin API at {path}")),
+        }
+    }
+
+    /// `{"images": ["alpine:3.20", …], "platforms": "linux/amd64,linux/arm64" | "all"}`: starts
+    /// a prefetch in the background and answers 202 with where to follow it.
+    fn start_prefetch(&self, body: &[u8]) -> ApiAnswer {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wanted {
+            images: Vec<String>,
+            platforms: Option<String>,
+        }
+        let wanted: Wanted = match serde_json::from_slice(body) {
+            Ok(w) => w,
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        };
+        let images: Result<Vec<ImageRef>, String> = wanted
+            .images
+            .iter()
+            .map(|i| ImageRef::parse(i).map_err(|e| format!("{i:?}: {e}")))
+            .collect();
+        let platforms = match wanted.platforms.as_deref() {
+            None => Ok(PlatformChoice::default()),
+            Some("all") => Ok(PlatformChoice::All),
+            Some(list) => PlatformChoice::parse(list),
+        };
+        let (images, platforms) = match (images, platforms) {
+            (Ok(i), Ok(p)) if !i.is_empty() => (i, p),
+            (Ok(_), Ok(_)) => return api_error(StatusCode::BAD_REQUEST, "no images given"),
+            (Err(e), _) | (_, Err(e)) => return api_error(StatusCode::BAD_REQUEST, e),
+        };
+        let id = {
+            let mut jobs = self.prefetches.lock().expect("prefetch jobs");
+            jobs.push(None);
+            jobs.len() - 1
+        };
+        let (mirror, jobs) = (self.mirror.clone(), self.prefetches.clone());
+        // The prefetch future borrows across its stream combinators in a way `tokio::spawn`'s
+        // `Send` check cannot see through; a blocking thread driving it avoids that check.
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let report = runtime.block_on(prefetch::prefetch(
+                &mirror,
+                &images,
+                &platforms,
+                &prefetch::Quiet,
+            ));
+            jobs.lock().expect("prefetch jobs")[id] = Some(report_json(&report));
+        });
+        json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "id": id, "status": format!("/api/prefetch/{id}") }),
+        )
+    }
+
+    fn prefetch_status(&self, id: &str) -> ApiAnswer {
+        let jobs = self.prefetches.lock().expect("prefetch jobs");
+        match id.parse::<usize>().ok().and_then(|i| jobs.get(i)) {
+            Some(None) => json(StatusCode::OK, &serde_json::json!({ "state": "running" })),
+            Some(Some(report)) => json(StatusCode::OK, report),
+            None => api_error(StatusCode::NOT_FOUND, format!("no prefetch {id:?}")),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::image::{Format, Image, Index};
 use crate::support::registry::{Auth, Registry, count};
 use crate::support::serial::HostsPin;
-use crate::support::skopeo;
+use crate::support::{http, skopeo};
 
 const PULL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -228,4 +228,57 @@ fn ctr_pull(c: &Containerd, hosts: &str, flags: &[&str], reference: &str) {
         );
     }
     out.assert_ok();
+}
+
+/// Issue #3's air-gap promise for every client: images prefetched through the admin API are
+/// pulled by tag by containerd and podman once the upstream is gone and dockside is offline.
+#[test]
+fn containerd_and_podman_pull_prefetched_images_with_the_upstream_gone() {
+    let _pin = HostsPin::new();
+    let mut hub = Registry::start(Auth::None);
+    let (mine, _) = arches();
+    let img = Image::generate_for(820, &[300_000, 20_000], Format::Oci, mine);
+    skopeo::push(&hub, "library/sealed", "1.0", &img);
+    let cfg = Config::new(vec![Upstream::hub(&hub)]);
+    let d = Dockside::start(&cfg);
+
+    let api = format!("{}/api/prefetch", d.admin_url());
+    let body =
+        serde_json::json!({ "images": ["docker.io/library/sealed:1.0"], "platforms": "all" });
+    let started = http::request("POST", &api, &[], Some(body.to_string().into_bytes())).unwrap();
+    assert_eq!(started.status, 202, "{}", started.text());
+    let status: serde_json::Value = serde_json::from_slice(&started.body).unwrap();
+    let status_url = format!("{}{}", d.admin_url(), status["status"].as_str().unwrap());
+    let report = crate::support::wait_for("the prefetch to finish", PULL_TIMEOUT, || {
+        let r = http::get(&status_url).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        (v["state"] == "done").then_some(v)
+    });
+    assert_eq!(report["images"][0]["ok"], true, "{report}");
+    assert_eq!(
+        report["images"][0]["blobs_fetched"],
+        img.blobs().len() as u64,
+        "{report}"
+    );
+
+    hub.kill();
+    let dir = d.into_dir();
+    let offline = Config {
+        offline: true,
+        ..cfg
+    };
+    let d = Dockside::start_in(&offline, dir);
+    let c = Containerd::start();
+    let hosts = c.generated_hosts_dir(&d);
+    ctr_pull(
+        &c,
+        hosts.to_str().unwrap(),
+        &[],
+        "docker.io/library/sealed:1.0",
+    );
+    let ls = c.ctr(&["images", "ls"], Duration::from_secs(30));
+    assert!(ls.stdout.contains(&img.manifest.digest), "{}", ls.stdout);
+    let p = Podman::new(&d);
+    p.podman(&["pull", "docker.io/library/sealed:1.0"], PULL_TIMEOUT)
+        .assert_ok();
 }
