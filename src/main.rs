@@ -97,6 +97,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     // The tools print their own report; their logs only need to say what went wrong.
     let default_level = match cli.command {
@@ -163,6 +164,17 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Import { config, file } => airgap::import(&Config::load(&config)?, &file),
         Command::Verify { config } => airgap::verify(&Config::load(&config)?),
         Command::Du { config } => airgap::du(&Config::load(&config)?),
+    }
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core); with a blocking
+/// pool reading chunks for hundreds of downloads, that held tens of MiB of freed memory
+/// (peak RSS at 100 concurrent 500 MiB downloads: 77 MiB with the default, 48 MiB with 2).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called first thing, before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -119,8 +119,12 @@ fn nibble(c: u8) -> Option<u8> {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Into a stack buffer in one go: digests are formatted on every manifest answer, and a
+        // `write!` per byte showed up in profiles.
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut hex).expect("64 hex digits for 32 bytes");
         f.write_str(PREFIX)?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(std::str::from_utf8(&hex).expect("hex is ASCII"))
     }
 }
 
