@@ -53,11 +53,15 @@ fn free_port() -> u16 {
 
 /// Start dockside with the given `upstreams:` YAML list and tag TTL.
 async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
+    start_mirror_sized(upstreams, tag_ttl, "1GiB").await
+}
+
+async fn start_mirror_sized(upstreams: &str, tag_ttl: &str, max_size: &str) -> Mirror {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin) = (free_port(), free_port());
     let yaml = format!(
         "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\ngrace_period: 0s\nthreads: 2\n\
-         cache:\n  dir: {}\n  max_size: 1GiB\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}",
+         cache:\n  dir: {}\n  max_size: {max_size}\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}",
         dir.path().display()
     );
     let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
@@ -241,6 +245,42 @@ async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
     assert_eq!(gets(), 4, "{:?}", fake.log());
     assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
     assert_eq!(gets(), 5, "one fresh fetch once the upstream is healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_larger_than_the_cache_is_served_once_to_all_and_not_kept() {
+    let fake = FakeUpstream::start().await;
+    let data = blob_data(300_000, 16);
+    let digest = fake.add_blob(&data);
+    fake.set_chunk_delay(Duration::from_millis(5));
+    let m = start_mirror_sized(&one_upstream(&fake, ""), "5m", "100KiB").await;
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.bytes().await.unwrap() })
+        })
+        .collect();
+    for c in clients {
+        assert!(
+            c.await.unwrap()[..] == data[..],
+            "every client gets the whole blob"
+        );
+    }
+    let gets = || fake.count(&format!("GET /v2/library/x/blobs/{digest}"));
+    assert_eq!(gets(), 1, "still one upstream fetch for the herd");
+    assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
+    assert_eq!(gets(), 2, "not kept, so fetched again");
+    let metrics = get(&format!("{}/metrics", m.admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dockside_oversize_blobs_total{upstream=\"docker.io\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
