@@ -5,6 +5,7 @@
 //! [`store`] or starts one upstream fill per digest ([`fill`]), and [`server`] writes the bytes to
 //! the client through pingora. See ARCHITECTURE.md for the full map and its invariants.
 
+#[cfg(feature = "server")]
 pub mod admin;
 pub mod airgap;
 pub mod client_auth;
@@ -16,6 +17,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod singleflight;
 pub mod store;

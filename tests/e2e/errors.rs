@@ -247,6 +247,13 @@ fn admin_endpoints_and_prompt_sigint_shutdown() {
         let r = http::get(&format!("{}{path}", d.admin_url())).unwrap();
         assert_eq!(r.status, 200, "{path}");
     }
+    // A blob (cold, then warm) and a missing tag, so that /metrics has series of several labels.
+    let blob = format!("{}/v2/library/adm/blobs/{}", d.url(), img.layers[0].digest);
+    for _ in 0..2 {
+        assert_eq!(http::get(&blob).unwrap().status, 200);
+    }
+    let missing = http::get_manifest(&format!("{}/v2/library/adm/manifests/nope", d.url()));
+    assert_eq!(missing.status, 404);
     let m = http::get(&format!("{}/metrics", d.admin_url())).unwrap();
     assert_eq!(m.status, 200, "/metrics");
     assert!(
@@ -254,6 +261,7 @@ fn admin_endpoints_and_prompt_sigint_shutdown() {
         "metrics carry dockside_ names:\n{}",
         m.snippet()
     );
+    promtool_check_metrics(&m.text());
     // The registry API is not on the admin port.
     let r = http::get(&format!("{}/v2/library/adm/manifests/v1", d.admin_url())).unwrap();
     assert_ne!(r.status, 200, "registry API served on the admin listener");
@@ -318,4 +326,30 @@ fn client_config_prints_writes_and_keeps_other_files_unless_forced() {
     // Writing the same contents again needs no --force.
     let again = client_config(&["--for", "docker", "--out", out]);
     assert!(again.success(), "{}", again.stderr);
+}
+
+/// Prometheus's own linter (`promtool check metrics`, Debian's `prometheus` package) on an
+/// exposition: it rejects what Prometheus could not scrape and names that break its conventions
+/// (a counter without `_total`, a missing HELP, a unit out of place).
+fn promtool_check_metrics(exposition: &str) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(exposition.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}\n{}{}\non:\n{exposition}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
