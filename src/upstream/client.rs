@@ -131,8 +131,11 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let path = format!("{name}/blobs/{digest}");
         let range = (from > 0).then(|| format!("bytes={from}-"));
-        self.request_with(Method::GET, name, &path, None, None, range.as_deref())
-            .await
+        let call = Call {
+            range: range.as_deref(),
+            ..Call::get(name, &path)
+        };
+        self.request_with(&call).await
     }
 
     /// GET an API path under the repository (tags/list, referrers/…) with the client's query.
@@ -155,21 +158,18 @@ impl Upstream {
         query: Option<&str>,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.request_with(method, name, path, query, accept, None)
-            .await
+        let call = Call {
+            method,
+            query,
+            accept,
+            ..Call::get(name, path)
+        };
+        self.request_with(&call).await
     }
 
     /// Send a request under `/v2/`: not at all while offline or throttled, again after a
     /// connect error or a 5xx (up to `retries` times, with exponential backoff and jitter).
-    async fn request_with(
-        &self,
-        method: Method,
-        name: &RepoName,
-        path: &str,
-        query: Option<&str>,
-        accept: Option<&str>,
-        range: Option<&str>,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    async fn request_with(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
         }
@@ -184,14 +184,12 @@ impl Upstream {
         }
         let mut attempt = 0;
         loop {
-            let result = self
-                .authenticated(method.clone(), name, path, query, accept, range)
-                .await;
+            let result = self.authenticated(call).await;
             match result {
                 Err(err) if attempt < self.retries && worth_retrying(&err) => {
                     attempt += 1;
                     let wait = backoff(attempt);
-                    debug!(upstream = %self.name, %path, error = %err, attempt, ?wait, "retrying");
+                    debug!(upstream = %self.name, path = call.path, error = %err, attempt, ?wait, "retrying");
                     self.metrics
                         .upstream_retries
                         .with_label_values(&[&self.name])
@@ -227,27 +225,17 @@ impl Upstream {
     }
 
     /// One request, answering one authentication challenge if there is one.
-    async fn authenticated(
-        &self,
-        method: Method,
-        name: &RepoName,
-        path: &str,
-        query: Option<&str>,
-        accept: Option<&str>,
-        range: Option<&str>,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    async fn authenticated(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
         let mut url = self
             .base
-            .join(&format!("/v2/{path}"))
+            .join(&format!("/v2/{}", call.path))
             .map_err(|e| self.error(UpstreamErrorKind::Connect(e.to_string())))?;
-        url.set_query(query);
-        let scope = pull_scope(name.as_str());
+        url.set_query(call.query);
+        let scope = pull_scope(call.name.as_str());
         let mut authorization = self.known_authorization(&scope).await?;
         let mut challenged = false;
         loop {
-            let resp = self
-                .send(method.clone(), &url, accept, range, authorization.as_ref())
-                .await?;
+            let resp = self.send(call, &url, authorization.as_ref()).await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
                 let rejected = authorization.take();
@@ -260,17 +248,16 @@ impl Upstream {
 
     async fn send(
         &self,
-        method: Method,
+        call: &Call<'_>,
         url: &Url,
-        accept: Option<&str>,
-        range: Option<&str>,
         authorization: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        let method = &call.method;
         let mut req = self.http.request(method.clone(), url.clone());
-        if let Some(accept) = accept {
+        if let Some(accept) = call.accept {
             req = req.header(ACCEPT, accept);
         }
-        if let Some(range) = range {
+        if let Some(range) = call.range {
             req = req.header(http::header::RANGE, range);
         }
         if let Some(value) = authorization {
@@ -443,6 +430,30 @@ impl Upstream {
             other => UpstreamErrorKind::Status(other.as_u16()),
         };
         Err(self.error(kind))
+    }
+}
+
+/// One request to send upstream, under `/v2/`.
+struct Call<'a> {
+    method: Method,
+    name: &'a RepoName,
+    /// After `/v2/`.
+    path: &'a str,
+    query: Option<&'a str>,
+    accept: Option<&'a str>,
+    range: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    fn get(name: &'a RepoName, path: &'a str) -> Call<'a> {
+        Call {
+            method: Method::GET,
+            name,
+            path,
+            query: None,
+            accept: None,
+            range: None,
+        }
     }
 }
 
