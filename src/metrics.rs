@@ -6,7 +6,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::store::Usage;
+use crate::store::{StoreError, Usage};
 
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +38,9 @@ pub struct Metrics {
     pub evicted_bytes: IntCounter,
     /// Blobs served pass-through because they can never fit the cache.
     pub oversize_blobs: IntCounterVec,
+    /// Writes to the cache that failed (the object was served but not kept), by object
+    /// (blob, manifest) and kind (no_space, io).
+    pub store_write_errors: IntCounterVec,
     pub upstream_retries: IntCounterVec,
     pub upstream_resumes: IntCounterVec,
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
@@ -183,6 +186,11 @@ impl Metrics {
                 "Blobs served without being kept because they exceed cache.max_size.",
                 &["upstream"],
             ),
+            store_write_errors: counter(
+                "dockside_store_write_errors_total",
+                "Objects served but not kept because writing them to the cache failed, by object and kind (no_space, io).",
+                &["object", "kind"],
+            ),
             build_info: gauge_vec(
                 "dockside_build_info",
                 "Build information; always 1.",
@@ -195,6 +203,24 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         metrics
+    }
+
+    /// Count a failed write of a blob or manifest to the cache.
+    pub fn store_write_error(&self, object: &str, err: &StoreError) {
+        let kind = match err {
+            StoreError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                "no_space"
+            }
+            _ => "io",
+        };
+        self.store_write_errors
+            .with_label_values(&[object, kind])
+            .inc();
     }
 
     /// Record the store's usage: (bytes, objects).

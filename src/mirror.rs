@@ -577,6 +577,7 @@ impl Mirror {
                 self.watch_pins(&upstream.name, name);
             }
             Err(e) => {
+                self.metrics.store_write_error("manifest", &e);
                 warn!(%digest, error = %e, "could not write manifest to the cache; serving it anyway")
             }
         }
@@ -774,7 +775,7 @@ impl Mirror {
                 ))
             }
             BlobSource::Filling {
-                file,
+                reader,
                 mut progress,
                 joined,
             } => {
@@ -788,7 +789,7 @@ impl Mirror {
                     .await
                     .map_err(|e| ApiError::from_upstream(&e, blob_unknown()))?;
                 let span = parse_range(range, len)?;
-                let body = BlobBody::filling(file, progress, span.start, span.end);
+                let body = BlobBody::filling(reader, progress, span.start, span.end);
                 let outcome = if joined {
                     Outcome::Coalesced
                 } else {

@@ -484,7 +484,7 @@ async fn stage(
         if ingest.written() + (n as u64) <= MANIFEST_LIMIT {
             small.extend_from_slice(&buf);
         }
-        ingest.write(Bytes::from(buf)).await?;
+        ingest.write(&buf)?;
     }
     let len = match ingest.verify() {
         Err(StoreError::DigestMismatch { actual, .. }) => {

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::lru::{Evicted, LruIndex};
@@ -305,8 +304,10 @@ impl BlobStore for DiskStore {
             file: Some(Arc::new(file)),
             verifier: Some(DigestVerifier::new()),
             written: 0,
+            hashed: 0,
             reserved: 0,
             committed: false,
+            discarded: false,
             shared: self.shared.clone(),
         }))
     }
@@ -358,9 +359,13 @@ struct DiskIngest {
     /// `None` once verified.
     verifier: Option<DigestVerifier>,
     written: u64,
+    /// Bytes passed to `write`: more than `written` once discarded.
+    hashed: u64,
     /// Bytes set aside in the index for this object.
     reserved: u64,
     committed: bool,
+    /// Given up after a failed write: only hashing goes on.
+    discarded: bool,
     shared: Arc<Shared>,
 }
 
@@ -393,21 +398,30 @@ impl Ingest for DiskIngest {
         Ok(())
     }
 
-    async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         let verifier = self
             .verifier
             .as_mut()
             .ok_or_else(|| io::Error::other("write after verify"))?;
-        verifier.update(&bytes);
-        let file = self.file()?;
-        let offset = self.written;
-        let len = bytes.len() as u64;
-        // Positioned writes on a blocking thread: a slow disk must not stall the runtime.
-        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
-            .await
-            .map_err(io::Error::other)??;
-        self.written += len;
+        verifier.update(bytes);
+        self.hashed += bytes.len() as u64;
+        if self.discarded {
+            return Ok(());
+        }
+        self.file()?.write_all_at(bytes, self.written)?;
+        self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    fn discard(&mut self) {
+        if !self.discarded {
+            self.discarded = true;
+            self.file = None;
+            let _ = fs::remove_file(&self.tmp_path);
+            self.shared
+                .index
+                .release(std::mem::take(&mut self.reserved));
+        }
     }
 
     fn written(&self) -> u64 {
@@ -424,12 +438,12 @@ impl Ingest for DiskIngest {
                 });
             }
         }
-        Ok(self.written)
+        Ok(self.hashed)
     }
 
     async fn commit(mut self: Box<Self>) -> Result<u64, StoreError> {
-        if self.verifier.is_some() {
-            return Err(io::Error::other("commit before verify").into());
+        if self.verifier.is_some() || self.discarded {
+            return Err(io::Error::other("commit before verify, or of a discarded object").into());
         }
         let file = self.file.take().expect("commit runs once");
         let shared = self.shared.clone();
@@ -445,8 +459,7 @@ impl Ingest for DiskIngest {
 impl Drop for DiskIngest {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = fs::remove_file(&self.tmp_path);
-            self.shared.index.release(self.reserved);
+            self.discard();
         }
     }
 }
@@ -454,6 +467,7 @@ impl Drop for DiskIngest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::io::Read;
 
     fn read_all(mut file: File) -> Vec<u8> {
@@ -501,15 +515,43 @@ mod tests {
         let digest = Digest::of(b"abcdef");
         let mut ingest = store.ingest(&digest).unwrap();
         let reader = ingest.reader().unwrap();
-        ingest.write(Bytes::from_static(b"abc")).await.unwrap();
+        ingest.write(b"abc").unwrap();
         let mut buf = [0u8; 3];
         reader.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abc");
-        ingest.write(Bytes::from_static(b"def")).await.unwrap();
+        ingest.write(b"def").unwrap();
         ingest.verify().unwrap();
         ingest.commit().await.unwrap();
         reader.read_exact_at(&mut buf, 3).unwrap();
         assert_eq!(&buf, b"def");
+    }
+
+    #[tokio::test]
+    async fn a_discarded_ingest_still_verifies_but_never_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 10).unwrap();
+        let kept = put_all(&store, &[&[1; 4]]).await;
+        let digest = Digest::of(b"abcdef");
+        let mut ingest = store.ingest(&digest).unwrap();
+        ingest.reserve(6).await.unwrap();
+        ingest.write(b"abc").unwrap();
+        ingest.discard();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Had the discard kept its reservation, this one would evict the kept object.
+        store.ingest(&digest).unwrap().reserve(6).await.unwrap();
+        assert!(
+            store.path_of(&kept[0]).exists(),
+            "the reservation was not given back"
+        );
+        ingest.write(b"def").unwrap();
+        assert_eq!(ingest.written(), 3, "a discarded ingest wrote on");
+        assert_eq!(
+            ingest.verify().unwrap(),
+            6,
+            "verified what was passed, not written"
+        );
+        assert!(ingest.commit().await.is_err());
+        assert!(store.open(&digest).await.unwrap().is_none());
     }
 
     #[tokio::test]

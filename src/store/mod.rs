@@ -51,8 +51,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Store a complete in-memory object (manifests), verified like any ingest.
     async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), StoreError> {
         let mut ingest = self.ingest(digest)?;
-        ingest.write(bytes).await?;
-        ingest.verify()?;
+        let ingest = tokio::task::spawn_blocking(move || {
+            ingest.write(&bytes)?;
+            ingest.verify()?;
+            Ok::<_, StoreError>(ingest)
+        })
+        .await
+        .map_err(io::Error::other)??;
         ingest.commit().await.map(|_| ())
     }
 
@@ -95,13 +100,21 @@ pub trait Ingest: Send {
     /// verified (readers may be following it), but it will not commit.
     async fn reserve(&mut self, len: u64) -> Result<(), StoreError>;
 
-    /// Append bytes. They are readable through [`Ingest::reader`] handles once this returns.
-    async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError>;
+    /// Hash and append bytes. They are readable through [`Ingest::reader`] handles once this
+    /// returns. Blocking (it writes to disk): call it from a blocking thread. After an error,
+    /// nothing more is written, but what was passed is still hashed.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
 
-    /// Bytes written so far.
+    /// Give up keeping this object, after a failed write: the temp file is deleted (open read
+    /// handles keep what they have) and the reservation is given back. Later writes only hash,
+    /// so [`Ingest::verify`] still tells whether the bytes were right; commit is refused.
+    fn discard(&mut self);
+
+    /// Bytes in the file so far (and readable through [`Ingest::reader`] handles).
     fn written(&self) -> u64;
 
-    /// Check everything written against the digest; no more writes after this. Separate from
+    /// Check everything passed to [`Ingest::write`] against the digest and return its length;
+    /// no more writes after this. Separate from
     /// [`Ingest::commit`] so readers can be told the bytes are right before they are durable.
     fn verify(&mut self) -> Result<u64, StoreError>;
 
