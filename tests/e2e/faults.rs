@@ -38,17 +38,73 @@ fn flaky_5xx_and_resets_are_retried_and_the_pull_succeeds() {
     proxy.set_mode(Mode::Reset { times: 2 });
     pull_and_check(&d, "library/flaky:v2", &img2);
 
-    let metrics = http::get(&format!("{}/metrics", d.admin_url()))
-        .unwrap()
-        .text();
-    let retries: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dockside_upstream_retries_total{upstream=\"docker.io\"} "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let retries = d
+        .metric("dockside_upstream_retries_total{upstream=\"docker.io\"}")
+        .unwrap_or(0.0);
     assert!(
-        retries >= 4,
+        retries >= 4.0,
         "two 503s and two resets were retried: {retries}"
+    );
+}
+
+#[test]
+fn a_failing_first_url_is_skipped_by_its_circuit_breaker_and_used_again_once_it_recovers() {
+    let reg = Registry::start(Auth::None);
+    let mirror = FaultProxy::start(&reg, Mode::Honest);
+    let cfg = Config::new(vec![Upstream {
+        more_urls: vec![reg.url()],
+        extra_yaml: "    retries: 0\n    circuit: { failures: 1, cooldown: 6s }\n".into(),
+        ..through(&mirror).upstreams[0].clone()
+    }]);
+    let d = Dockside::start(&cfg);
+    let mirror_up = format!(
+        "dockside_upstream_url_up{{upstream=\"docker.io\",url=\"{}\"}}",
+        mirror.url().trim_end_matches('/')
+    );
+    assert_eq!(d.metric(&mirror_up), Some(1.0));
+
+    // The regional mirror answers 503 to everything: the first request (the manifest, before
+    // skopeo fetches blobs in parallel) moves on to the origin, and the mirror is left alone.
+    mirror.set_mode(Mode::Fail {
+        status: 503,
+        times: usize::MAX,
+        retry_after: None,
+    });
+    let img = Image::generate(3051, &[200_000, 30_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v1", &img);
+    pull_and_check(&d, "library/failover:v1", &img);
+    assert_eq!(d.metric(&mirror_up), Some(0.0), "{}", d.log());
+    let failovers = d
+        .metric("dockside_upstream_failovers_total{upstream=\"docker.io\"}")
+        .unwrap_or(0.0);
+    assert!(failovers >= 1.0, "failovers: {failovers}");
+    assert_eq!(mirror.requests().len(), 1, "skipped after its failure");
+
+    let img2 = Image::generate(3052, &[100_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v2", &img2);
+    pull_and_check(&d, "library/failover:v2", &img2);
+    assert_eq!(
+        mirror.requests().len(),
+        1,
+        "still skipped during the cooldown"
+    );
+
+    // Recovered: after the cooldown one probe reaches it, succeeds, and traffic returns.
+    mirror.set_mode(Mode::Honest);
+    std::thread::sleep(Duration::from_millis(6500));
+    let img3 = Image::generate(3053, &[100_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v3", &img3);
+    pull_and_check(&d, "library/failover:v3", &img3);
+    assert_eq!(d.metric(&mirror_up), Some(1.0));
+    let honest = mirror
+        .requests()
+        .iter()
+        .filter(|r| r.mode == Mode::Honest)
+        .count();
+    assert!(
+        honest >= 3,
+        "the manifest and blobs of v3 came through the mirror: {:?}",
+        mirror.requests()
     );
 }
 

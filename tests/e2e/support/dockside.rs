@@ -25,6 +25,10 @@ pub struct Upstream {
     pub timeouts: Option<String>,
     /// An extra CA (PEM file) to trust for this upstream.
     pub ca_file: Option<String>,
+    /// More URLs after `url`: written as `urls: [url, ...]`.
+    pub more_urls: Vec<String>,
+    /// Appended to the entry as is, e.g. `    retries: 0\n`.
+    pub extra_yaml: String,
 }
 
 impl Upstream {
@@ -113,7 +117,17 @@ impl Config {
             y.insert_str(0, "offline: true\n");
         }
         for u in &self.upstreams {
-            y += &format!("  - name: {}\n    url: {}\n", q(&u.name), q(&u.url));
+            y += &format!("  - name: {}\n", q(&u.name));
+            if u.more_urls.is_empty() {
+                y += &format!("    url: {}\n", q(&u.url));
+            } else {
+                let urls: Vec<String> = std::iter::once(&u.url)
+                    .chain(&u.more_urls)
+                    .map(|url| q(url))
+                    .collect();
+                y += &format!("    urls: [{}]\n", urls.join(", "));
+            }
+            y += &u.extra_yaml;
             if !u.aliases.is_empty() {
                 let a: Vec<String> = u.aliases.iter().map(|a| q(a)).collect();
                 y += &format!("    aliases: [{}]\n", a.join(", "));
@@ -219,6 +233,15 @@ impl Dockside {
 
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The value of one series from `/metrics`, given as printed: name and labels.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = super::http::get(&format!("{}/metrics", self.admin_url()))
+            .expect("GET /metrics")
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn log(&self) -> String {
