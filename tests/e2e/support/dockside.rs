@@ -290,6 +290,53 @@ impl Dockside {
         self.dir.take().expect("dir")
     }
 
+    /// `serve --upgrade` on this instance's config: the new process waits for the listeners,
+    /// then this one is sent SIGQUIT to hand them over. Returns the new process once it has
+    /// logged that it waits; the caller sends the SIGQUIT (see [`Dockside::signal`]).
+    pub fn start_upgrade(&self) -> Dockside {
+        let dir = self.dir.as_ref().expect("dir").path();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--upgrade", "--config"])
+            .arg(self.config_path())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::spawn(
+            "dockside --upgrade",
+            cmd,
+            &dir.join("dockside-upgrade.log"),
+            libc::SIGINT,
+            Duration::from_secs(20),
+        );
+        let waiting = dir.join("dockside-upgrade.log");
+        if let Err(log) = proc.wait_ready("dockside --upgrade waiting for listeners", || {
+            super::read_lossy(&waiting).contains("waiting up to 5 s")
+        }) {
+            panic!(
+                "dockside --upgrade exited early; log:\n{}",
+                super::tail(&log, 40)
+            );
+        }
+        Dockside {
+            port: self.port,
+            admin_port: self.admin_port,
+            proc,
+            dir: None,
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_timeout(timeout)
+    }
+
     /// SIGINT, then wait (up to 20 s). Returns the status and whether it exited in time.
     pub fn stop(&mut self) -> (ExitStatus, bool) {
         self.proc.stop()
