@@ -108,15 +108,21 @@ fn a_failing_first_url_is_skipped_by_its_circuit_breaker_and_used_again_once_it_
     );
 }
 
-#[test]
-fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
+/// Fetches a 4 MiB blob through a proxy in `mode` (a fault on the first blob GET only) and
+/// checks that dockside resumed it with one Range GET from where the body stopped, served it
+/// whole and kept it. Returns how long the client waited.
+fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> Duration {
     let reg = Registry::start(Auth::None);
-    let data = random_bytes(3101, 4 << 20);
+    let data = random_bytes(seed, 4 << 20);
     let digest = reg.push_blob("library/cut", &data);
-    let proxy = FaultProxy::start(&reg, Mode::CutOnce(1 << 20));
-    let d = Dockside::start(&through(&proxy));
+    let proxy = FaultProxy::start(&reg, mode);
+    let mut cfg = through(&proxy);
+    cfg.upstreams[0].timeouts = Some(timeouts.into());
+    let d = Dockside::start(&cfg);
 
+    let started = Instant::now();
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
+    let waited = started.elapsed();
     assert_eq!(r.status, 200);
     assert_eq!(
         digest_of(&r.body),
@@ -139,6 +145,30 @@ fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
     assert_eq!(digest_of(&r.body), digest);
     assert_eq!(proxy.blob_gets(&digest).len(), 2);
+    waited
+}
+
+#[test]
+fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
+    resumed_once(
+        3101,
+        Mode::CutOnce(1 << 20),
+        "{ connect: 2s, first_byte: 5s, idle: 5s }",
+    );
+}
+
+#[test]
+fn a_blob_that_stalls_mid_body_is_resumed_once_the_idle_timeout_passes() {
+    let waited = resumed_once(
+        3102,
+        Mode::StallOnce(1 << 20),
+        "{ connect: 2s, first_byte: 5s, idle: 2s }",
+    );
+    // The stalled connection is given up after `idle`, not after the proxy's patience (120 s).
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+        "waited {waited:?}"
+    );
 }
 
 #[test]
