@@ -455,10 +455,13 @@ impl Fill {
                 (Ok(()), _) => return Ok(()),
                 (Err(e), _) => e,
             };
-            // Only a body that broke can be resumed, and only when we know where it ends.
+            // Only a body that broke or stalled past `timeouts.idle` can be resumed, and only
+            // when we know where it ends.
             let resumable = matches!(
                 err.kind,
-                UpstreamErrorKind::Body(_) | UpstreamErrorKind::Truncated { .. }
+                UpstreamErrorKind::Body(_)
+                    | UpstreamErrorKind::Truncated { .. }
+                    | UpstreamErrorKind::Timeout(_)
             );
             let Some(total) = len.filter(|_| resumable && resumes < MAX_RESUMES) else {
                 return Err(err);
