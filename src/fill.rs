@@ -37,6 +37,8 @@ const CHUNK: usize = 256 * 1024;
 /// The most upstream bytes gathered into one batch (one window entry, one disk write). Small
 /// enough that the batches readers hold on to while their sockets drain stay few MiB in all.
 const BATCH: usize = 256 * 1024;
+/// The most bytes the writer hashes and writes in one go.
+const WRITE_GATHER: usize = 1024 * 1024;
 /// The most bytes a fill holds in memory: received and not yet written, or (in pass-through)
 /// not yet sent to every reader.
 const WINDOW: u64 = 8 * 1024 * 1024;
@@ -150,7 +152,7 @@ impl Tail {
     }
 
     /// Where a reader at `pos` finds bytes up to `limit` (at most `limit`, which is at most
-    /// `received`).
+    /// `received`). Bytes in memory are a slice of one batch, without a copy.
     fn locate(&self, pos: u64, limit: u64) -> Located {
         if pos >= self.start {
             let i = self.chunks.partition_point(|(off, _)| *off <= pos) - 1;
@@ -566,8 +568,10 @@ impl Fill {
         }
     }
 
-    /// The writer: on a blocking thread, hash and write every batch in order. A write error
-    /// turns the fill into a pass-through; the writer then only hashes.
+    /// The writer: on a blocking thread, hash and write every batch in order. Batches that
+    /// queued up while it was busy are gathered into one write of up to [`WRITE_GATHER`] bytes,
+    /// so a fast upstream costs few writes and wake-ups. A write error turns the fill into a
+    /// pass-through; the writer then only hashes.
     fn writer(
         self: &Arc<Self>,
         mut ingest: Box<dyn Ingest>,
@@ -576,8 +580,10 @@ impl Fill {
         let fill = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut gave_up = false;
-            while let Some(bytes) = batches.blocking_recv() {
-                if let Err(e) = ingest.write(&bytes) {
+            let mut gathered = Vec::new();
+            while let Some(first) = batches.blocking_recv() {
+                let bytes = gather(&first, &mut batches, &mut gathered);
+                if let Err(e) = ingest.write(bytes) {
                     if !std::mem::replace(&mut gave_up, true) {
                         fill.give_up_file(ingest.as_mut(), &e);
                     }
@@ -602,6 +608,28 @@ impl Fill {
         warn!(digest = %self.digest, upstream = %self.upstream, error = %err,
             "cache write failed; serving this blob pass-through without keeping it");
     }
+}
+
+/// `first` and whatever other batches are already queued, up to [`WRITE_GATHER`] bytes: as is
+/// when it is alone, else copied together into `buf`.
+fn gather<'a>(
+    first: &'a Bytes,
+    queue: &mut mpsc::UnboundedReceiver<Bytes>,
+    buf: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    let Ok(second) = queue.try_recv() else {
+        return first;
+    };
+    buf.clear();
+    buf.extend_from_slice(first);
+    buf.extend_from_slice(&second);
+    while buf.len() < WRITE_GATHER {
+        match queue.try_recv() {
+            Ok(next) => buf.extend_from_slice(&next),
+            Err(_) => break,
+        }
+    }
+    buf
 }
 
 /// Whether a response is bytes `from..total` of the blob: a 206 with that Content-Range, or
@@ -901,6 +929,23 @@ mod tests {
         assert_eq!(&body.next_chunk().await.unwrap().unwrap()[..], b"abc");
         assert_eq!(&body.next_chunk().await.unwrap().unwrap()[..], b"de");
         assert!(pending(&mut body).await);
+    }
+
+    #[test]
+    fn the_writer_gathers_queued_batches_and_takes_a_lone_one_as_is() {
+        let (tx, mut queue) = mpsc::unbounded_channel();
+        let mut buf = Vec::new();
+        let lone = Bytes::from_static(b"lone");
+        assert_eq!(gather(&lone, &mut queue, &mut buf).as_ptr(), lone.as_ptr());
+        let big = Bytes::from(vec![7u8; WRITE_GATHER]);
+        for batch in [&b"b"[..], &big, b"left for the next write"] {
+            tx.send(Bytes::copy_from_slice(batch)).unwrap();
+        }
+        let first = Bytes::from_static(b"a");
+        let gathered = gather(&first, &mut queue, &mut buf);
+        assert_eq!(gathered.len(), 2 + WRITE_GATHER);
+        assert_eq!(&gathered[..3], b"ab\x07");
+        assert_eq!(&queue.try_recv().unwrap()[..], b"left for the next write");
     }
 
     #[test]
