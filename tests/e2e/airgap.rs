@@ -85,7 +85,7 @@ fn assert_pulls(d: &Dockside, reference: &str, img: &Image) {
 }
 
 /// Files under `dir`, recursively (none if it does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
