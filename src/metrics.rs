@@ -49,6 +49,14 @@ pub struct Metrics {
     pub fill_duration: HistogramVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
+    /// Client connections open on the registry listeners (`limits.max_connections`).
+    pub client_connections: IntGauge,
+    /// Client connections closed at once because `limits.max_connections` were open.
+    pub client_connections_refused: IntCounter,
+    /// Client connections closed by a limit, by reason (header_timeout).
+    pub client_timeouts: IntCounterVec,
+    /// Looks at changed TLS files, by result (reloaded, rejected).
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -182,6 +190,24 @@ impl Metrics {
                 "dockside_oversize_blobs_total",
                 "Blobs served without being kept because they exceed cache.max_size.",
                 &["upstream"],
+            ),
+            client_connections: gauge(
+                "dockside_client_connections",
+                "Client connections open on the registry listeners.",
+            ),
+            client_connections_refused: plain_counter(
+                "dockside_client_connections_refused_total",
+                "Client connections closed at once because limits.max_connections were open.",
+            ),
+            client_timeouts: counter(
+                "dockside_client_timeouts_total",
+                "Client connections closed because a limits timeout passed, by reason.",
+                &["reason"],
+            ),
+            tls_reloads: counter(
+                "dockside_tls_reloads_total",
+                "Changed TLS certificate files, by result (reloaded, rejected).",
+                &["result"],
             ),
             build_info: gauge_vec(
                 "dockside_build_info",

@@ -38,3 +38,7 @@ mod faults;
 mod airgap;
 #[path = "e2e/client_auth.rs"]
 mod client_auth;
+#[path = "e2e/limits.rs"]
+mod limits;
+#[path = "e2e/tls.rs"]
+mod tls;

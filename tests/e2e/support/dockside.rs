@@ -61,6 +61,9 @@ pub struct Config {
     pub pin: Vec<String>,
     /// Appended as is: top-level keys the fields above do not cover (e.g. `client_auth:`).
     pub extra_yaml: String,
+    /// `tls:` with these (cert, key) files: the listener serves HTTPS. The files are re-read
+    /// every second, so reload tests need not wait long.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             offline: false,
             pin: Vec::new(),
             extra_yaml: String::new(),
+            tls: None,
         }
     }
 
@@ -137,11 +141,21 @@ impl Config {
         if let Some(d) = &self.default_upstream {
             y += &format!("default_upstream: {}\n", q(d));
         }
+        if let Some((cert, key)) = &self.tls {
+            let (cert, key) = (cert.display().to_string(), key.display().to_string());
+            y += &format!(
+                "tls:\n  cert_file: {}\n  key_file: {}\n  reload_interval: 1s\n",
+                q(&cert),
+                q(&key)
+            );
+        }
         y + &self.extra_yaml
     }
 }
 
 pub struct Dockside {
+    /// `http` or `https` (with `tls`).
+    scheme: &'static str,
     pub port: u16,
     pub admin_port: u16,
     proc: Proc,
@@ -187,7 +201,8 @@ impl Dockside {
                 Duration::from_secs(20),
             );
             let health = format!("http://127.0.0.1:{admin_port}/healthz");
-            let v2 = format!("http://127.0.0.1:{port}/v2/");
+            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+            let v2 = format!("{scheme}://127.0.0.1:{port}/v2/");
             let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
             // 401 too: with client_auth, /v2/ asks for credentials.
             let answers =
@@ -195,6 +210,7 @@ impl Dockside {
             match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && answers(&v2)) {
                 Ok(()) => {
                     return Dockside {
+                        scheme,
                         port,
                         admin_port,
                         proc,
@@ -214,7 +230,26 @@ impl Dockside {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        format!("{}://{}", self.scheme, self.host())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// Panics (with the log tail) if the process has exited.
+    pub fn assert_running(&mut self) {
+        self.proc.assert_running();
+    }
+
+    /// The value of one series on `/metrics` (e.g. `dockside_client_connections` or
+    /// `name{label="v"}`); `None` when it is not there.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = super::http::get(&format!("{}/metrics", self.admin_url()))
+            .expect("GET /metrics")
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn admin_url(&self) -> String {

@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: processes, the upstream registry, a token server,
 //! deterministic test images, the dockside binary and the real clients.
 
+pub mod certs;
 pub mod clients;
 pub mod dockside;
 pub mod fault_proxy;

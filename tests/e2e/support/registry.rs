@@ -1,11 +1,12 @@
 //! Debian's docker-registry (CNCF distribution 2.8) as the upstream, with its access log.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use super::certs::Ca;
 use super::proc::Proc;
 use super::token::{self, TokenServer};
 use super::{free_port, wait_for};
@@ -90,14 +91,15 @@ impl Registry {
             }
         };
         let (tls_yaml, ca_pem) = if tls {
-            let files = make_tls_files(dir.path());
+            let ca = Ca::new(dir.path());
+            let (cert, key) = ca.issue("server", "127.0.0.1");
             (
                 format!(
                     "  tls:\n    certificate: {}\n    key: {}\n",
-                    files.cert.display(),
-                    files.key.display()
+                    cert.display(),
+                    key.display()
                 ),
-                Some(files.ca),
+                Some(ca.pem),
             )
         } else {
             (String::new(), None)
@@ -289,92 +291,5 @@ impl Drop for Registry {
                 super::tail(&self.log(), 25)
             );
         }
-    }
-}
-
-struct TlsFiles {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl CLI).
-fn make_tls_files(dir: &Path) -> TlsFiles {
-    let path = |name: &str| dir.join(name);
-    let ext = path("server.ext");
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let days = ["-days", "2"];
-    openssl(
-        &[
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-subj",
-                "/CN=dockside e2e CA",
-            ][..],
-            &days,
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(
-        &[
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-extfile",
-                "server.ext",
-            ][..],
-            &days,
-        ]
-        .concat(),
-    );
-    TlsFiles {
-        ca: path("ca.pem"),
-        cert: path("server.pem"),
-        key: path("server.key"),
     }
 }
