@@ -7,9 +7,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::certs::Ca;
+use crate::support::clients::Podman;
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry};
+use crate::support::serial::HostsPin;
 use crate::support::skopeo::{self, CmdOut};
 use crate::support::wait_for;
 
@@ -121,6 +123,39 @@ fn skopeo_pulls_over_https_and_curl_negotiates_http2() {
     );
     assert_eq!(out.assert_ok().stdout, "2 200");
     assert_eq!(std::fs::read(&blob).unwrap(), layer.data);
+}
+
+#[test]
+fn podman_pulls_through_the_https_mirror() {
+    // Docker Hub's names point at 127.0.0.1 (where nothing serves 443): only the mirror works.
+    let _pin = HostsPin::new();
+    let reg = Registry::start(Auth::None);
+    let img = Image::generate(63, &[200_000, 20_000], Format::Oci);
+    skopeo::push(&reg, "library/tlspod", "1.0", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    let (cert, key) = ca.issue("dockside", "dockside-e2e");
+    let d = https_dockside(&reg, cert, key);
+    // registries.conf from `dockside client-config` for an https:// mirror (not `insecure`);
+    // the CA through `--cert-dir`.
+    let p = Podman::new(&d);
+    let trust = dir.path().join("trust");
+    std::fs::create_dir(&trust).unwrap();
+    std::fs::copy(&ca.pem, trust.join("ca.crt")).unwrap();
+    let trust = trust.display().to_string();
+    let image = "docker.io/library/tlspod:1.0";
+    p.podman(
+        &["pull", "--cert-dir", &trust, image],
+        Duration::from_secs(300),
+    )
+    .assert_ok();
+    let format = "{{.Repository}}:{{.Tag}} {{.Digest}}";
+    let ls = p.podman(
+        &["images", "--digests", "--format", format],
+        Duration::from_secs(60),
+    );
+    let want = format!("{image} {}", img.manifest.digest);
+    assert!(ls.assert_ok().stdout.contains(&want), "{}", ls.stdout);
 }
 
 #[test]
