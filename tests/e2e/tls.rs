@@ -15,6 +15,31 @@ use crate::support::serial::HostsPin;
 use crate::support::skopeo::{self, CmdOut};
 use crate::support::wait_for;
 
+/// An upstream holding `image` as `library/<repo>:<tag>`, and dockside serving HTTPS in front of
+/// it with a certificate from a fresh CA.
+struct Mirror {
+    _reg: Registry,
+    ca: Ca,
+    d: Dockside,
+    /// Holds the CA and certificate files.
+    dir: tempfile::TempDir,
+}
+
+fn https_mirror_of(image: &Image, repo: &str, tag: &str) -> Mirror {
+    let reg = Registry::start(Auth::None);
+    skopeo::push(&reg, &format!("library/{repo}"), tag, image);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    let (cert, key) = ca.issue("dockside", "dockside-e2e");
+    let d = https_dockside(&reg, cert, key);
+    Mirror {
+        _reg: reg,
+        ca,
+        d,
+        dir,
+    }
+}
+
 fn https_dockside(reg: &Registry, cert: PathBuf, key: PathBuf) -> Dockside {
     let d = Dockside::start(&Config {
         tls: Some((cert, key)),
@@ -56,13 +81,9 @@ fn replace(from: &Path, to: &Path) {
 
 #[test]
 fn skopeo_pulls_over_https_and_curl_negotiates_http2() {
-    let reg = Registry::start(Auth::None);
     let img = Image::generate(61, &[150_000, 3_000], Format::Oci);
-    skopeo::push(&reg, "library/tlsimg", "v1", &img);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path());
-    let (cert, key) = ca.issue("dockside", "dockside-e2e");
-    let d = https_dockside(&reg, cert, key);
+    // All bound: a field left out of the pattern would be dropped here (the upstream stopped).
+    let Mirror { _reg, ca, d, dir } = https_mirror_of(&img, "tlsimg", "v1");
     let src = format!("docker://{}/tlsimg:v1", d.host());
 
     // skopeo verifies the server: with no CA to trust, it refuses.
@@ -82,9 +103,7 @@ fn skopeo_pulls_over_https_and_curl_negotiates_http2() {
     assert!(refused.stderr.contains("certificate"), "{}", refused.stderr);
 
     // With the CA in its cert dir (`*.crt` files are CAs to trust), the pull works.
-    let trust = tempfile::tempdir().unwrap();
-    std::fs::copy(&ca.pem, trust.path().join("ca.crt")).unwrap();
-    let trust = trust.path().display().to_string();
+    let trust = ca.cert_dir().display().to_string();
     skopeo::skopeo(
         &[&untrusting[..], &[&trust, &src, &dest]].concat(),
         Duration::from_secs(120),
@@ -129,20 +148,17 @@ fn skopeo_pulls_over_https_and_curl_negotiates_http2() {
 fn podman_pulls_through_the_https_mirror() {
     // Docker Hub's names point at 127.0.0.1 (where nothing serves 443): only the mirror works.
     let _pin = HostsPin::new();
-    let reg = Registry::start(Auth::None);
     let img = Image::generate(63, &[200_000, 20_000], Format::Oci);
-    skopeo::push(&reg, "library/tlspod", "1.0", &img);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path());
-    let (cert, key) = ca.issue("dockside", "dockside-e2e");
-    let d = https_dockside(&reg, cert, key);
+    let Mirror {
+        _reg,
+        ca,
+        d,
+        dir: _dir,
+    } = https_mirror_of(&img, "tlspod", "1.0");
     // registries.conf from `dockside client-config` for an https:// mirror (not `insecure`);
     // the CA through `--cert-dir`.
     let p = Podman::new(&d);
-    let trust = dir.path().join("trust");
-    std::fs::create_dir(&trust).unwrap();
-    std::fs::copy(&ca.pem, trust.join("ca.crt")).unwrap();
-    let trust = trust.display().to_string();
+    let trust = ca.cert_dir().display().to_string();
     let image = "docker.io/library/tlspod:1.0";
     p.podman(
         &["pull", "--cert-dir", &trust, image],

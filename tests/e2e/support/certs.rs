@@ -83,6 +83,17 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A directory holding only this CA, as `ca.crt`: what skopeo's `--src-cert-dir`, podman's
+    /// `--cert-dir` and docker's `certs.d/<host>/` read as CAs to trust.
+    pub fn cert_dir(&self) -> PathBuf {
+        let dir = self.dir.join("trust");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&self.pem, dir.join("ca.crt")).unwrap();
+        dir
+    }
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
