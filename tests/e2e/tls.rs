@@ -252,3 +252,48 @@ fn wait_for_log(d: &Dockside, needle: &str, n: usize) {
         || (d.log().matches(needle).count() >= n).then_some(()),
     );
 }
+
+/// Prints (`MEASURE`, with `--nocapture`) curl's speed for a warm 128 MiB blob from dockside over
+/// plain HTTP/1.1, HTTPS HTTP/1.1 and HTTPS HTTP/2; asserts only that each copy is whole.
+#[test]
+fn measure_warm_blob_over_plain_and_https() {
+    let _heavy = crate::support::serial::heavy();
+    let img = Image::generate(64, &[128 << 20], Format::Oci);
+    let m = https_mirror_of(&img, "tlsbig", "v1");
+    let plain = Dockside::start(&Config::new(vec![Upstream::hub(&m._reg)]));
+    let layer = &img.layers[0];
+    let path = format!("/v2/tlsbig/blobs/{}", layer.digest);
+    let file = m.dir.path().join("blob");
+    let get = |url: &str, flag: &str| {
+        let w = "%{http_version} %{speed_download}";
+        let out = curl(
+            &m.ca.pem,
+            &[flag, "-o", &file.display().to_string(), "-w", w, url],
+        );
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            layer.data.len() as u64
+        );
+        let stdout = out.assert_ok().stdout.clone();
+        let (version, speed) = stdout.split_once(' ').unwrap();
+        (
+            version.to_string(),
+            speed.parse::<f64>().unwrap() / (1 << 20) as f64,
+        )
+    };
+    for (name, base, flag) in [
+        ("plain", plain.url(), "--http1.1"),
+        ("https", m.d.url(), "--http1.1"),
+        ("https", m.d.url(), "--http2"),
+    ] {
+        let url = format!("{base}{path}");
+        get(&url, flag); // cold: fills the cache
+        let runs: Vec<(String, f64)> = (0..3).map(|_| get(&url, flag)).collect();
+        let speeds: Vec<String> = runs.iter().map(|(_, s)| format!("{s:.0}")).collect();
+        println!(
+            "MEASURE warm 128 MiB blob, {name} HTTP/{}: {} MiB/s",
+            runs[0].0,
+            speeds.join(" / ")
+        );
+    }
+}
