@@ -43,6 +43,10 @@ pub struct Metrics {
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
     pub upstream_throttled: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// 1 while a URL's circuit is closed, 0 while it is skipped.
+    pub upstream_url_up: IntGaugeVec,
+    /// Requests that moved on to an upstream's next URL.
+    pub upstream_failovers: IntCounterVec,
     /// From sending a request upstream to its response headers.
     pub upstream_first_byte: HistogramVec,
     /// A whole blob download, first request to verified last byte.
@@ -184,6 +188,16 @@ impl Metrics {
             upstream_ratelimit_remaining: gauge_vec(
                 "dockside_upstream_ratelimit_remaining",
                 "The upstream's last RateLimit-Remaining (Docker Hub: pulls left in the window).",
+                &["upstream"],
+            ),
+            upstream_url_up: gauge_vec(
+                "dockside_upstream_url_up",
+                "1 while requests go to this upstream URL, 0 while its circuit breaker skips it.",
+                &["upstream", "url"],
+            ),
+            upstream_failovers: counter(
+                "dockside_upstream_failovers_total",
+                "Requests that moved on to the upstream's next URL after a failure or a 404.",
                 &["upstream"],
             ),
             oversize_blobs: counter(
