@@ -297,3 +297,71 @@ fn measure_warm_blob_over_plain_and_https() {
         );
     }
 }
+
+#[test]
+fn serve_upgrade_hands_over_the_tls_listener() {
+    let img = Image::generate(65, &[100_000], Format::Oci);
+    let Mirror {
+        _reg,
+        ca,
+        d: mut old,
+        dir: _dir,
+    } = https_mirror_of(&img, "tlsup", "v1");
+    let v2 = format!("{}/v2/", old.url());
+    let status = |d: &Dockside| {
+        let out = curl(
+            &ca.pem,
+            &["--http2", "-o", "/dev/null", "-w", "%{http_code}", &v2],
+        );
+        assert_eq!(out.assert_ok().stdout, "200", "via {}", d.pid());
+    };
+    status(&old);
+    let mut new = old.start_upgrade();
+    old.signal(libc::SIGQUIT);
+    let exited = old.wait_exit(Duration::from_secs(30));
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "old process: {exited:?}"
+    );
+    // Only the new process is left to answer, over TLS with the same certificate.
+    status(&new);
+    let served = served_certificate(&new, &ca.pem);
+    assert!(served.contains("CN = dockside-e2e"), "{served:?}");
+    new.assert_running();
+}
+
+#[test]
+fn check_config_names_the_tls_field_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    let (cert, _) = ca.issue("one", "one");
+    let (_, other_key) = ca.issue("two", "two");
+    let config = dir.path().join("dockside.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:5000\ncache: {{dir: {0}/cache, max_size: 1GiB}}\n\
+             upstreams: [{{name: docker.io, url: \"http://127.0.0.1:1\"}}]\n\
+             tls: {{cert_file: {1}, key_file: {2}}}\n",
+            dir.path().display(),
+            cert.display(),
+            other_key.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(crate::support::dockside::BIN);
+    cmd.args(["check-config", "--config"]).arg(&config);
+    let out = skopeo::run(cmd, Duration::from_secs(30));
+    assert!(!out.success(), "{}", out.stdout);
+    let want = format!(
+        "tls.key_file: {:?} does not match the certificate in {:?}",
+        other_key.display().to_string(),
+        cert.display().to_string()
+    );
+    assert!(out.stderr.contains(&want), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&config.display().to_string()),
+        "{}",
+        out.stderr
+    );
+}
