@@ -27,7 +27,7 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use tokio::sync::Semaphore;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -43,6 +43,28 @@ tokio::task_local! {
 /// Marks the current request's header as read: its header deadline no longer applies.
 pub fn header_complete() {
     let _ = HEADER_IN.try_with(|h| h.set(true));
+}
+
+/// Warns when `max_connections` cannot be reached: every connection needs a file descriptor,
+/// and past the process's limit accept fails (pingora then pauses accepting for a second).
+pub fn warn_if_above_fd_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft != libc::RLIM_INFINITY && max_connections as u64 >= soft {
+        warn!(
+            max_connections,
+            open_file_limit = soft,
+            "limits.max_connections is not below the open file limit (ulimit -n); raise \
+               the limit (LimitNOFILE= in systemd) or lower max_connections"
+        );
+    }
 }
 
 /// The per-connection layer: at most `max_connections` at once.

@@ -291,6 +291,7 @@ fn registry_service(
     options.h2_idle_timeout = Some(config.limits.idle_timeout);
     proxy.server_options = Some(options);
     let metrics = mirror.metrics().clone();
+    crate::limits::warn_if_above_fd_limit(config.limits.max_connections);
     let app = Deadlines::new(proxy, config.limits.clone(), metrics.clone());
     let app = Connections::new(app, config.limits.max_connections, metrics.clone());
     let mut registry = Service::new("dockside registry".to_string(), app);
