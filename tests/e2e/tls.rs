@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::certs::Ca;
-use crate::support::clients::Podman;
+use crate::support::clients::{Containerd, Podman};
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry};
@@ -172,6 +172,48 @@ fn podman_pulls_through_the_https_mirror() {
     );
     let want = format!("{image} {}", img.manifest.digest);
     assert!(ls.assert_ok().stdout.contains(&want), "{}", ls.stdout);
+}
+
+#[test]
+fn containerd_pulls_through_the_https_mirror_with_the_ca_in_hosts_toml() {
+    let _pin = HostsPin::new();
+    let img = Image::generate(66, &[150_000, 10_000], Format::Oci);
+    let Mirror {
+        _reg,
+        ca,
+        d,
+        dir: _dir,
+    } = https_mirror_of(&img, "tlsctr", "1.0");
+    let c = Containerd::start();
+    // hosts.toml from `dockside client-config` names `https://…`; its last table is that host.
+    let hosts = c.generated_hosts_dir(&d);
+    let hub = hosts.join("docker.io/hosts.toml");
+    let generated = std::fs::read_to_string(&hub).unwrap();
+    assert!(
+        generated.contains(&format!("[host.\"{}\"]", d.url())),
+        "{generated}"
+    );
+    let image = "docker.io/library/tlsctr:1.0";
+    let pull = || {
+        let hosts = hosts.display().to_string();
+        let args = [
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            image,
+        ];
+        c.ctr(&args, Duration::from_secs(300))
+    };
+    assert!(!pull().success(), "containerd trusted an unknown CA");
+    let ca_line = format!("  ca = {:?}\n", ca.pem.display().to_string());
+    std::fs::write(&hub, generated + &ca_line).unwrap();
+    pull().assert_ok();
+    let ls = c.ctr(&["images", "ls"], Duration::from_secs(30));
+    let want = img.manifest.digest.as_str();
+    assert!(ls.assert_ok().stdout.contains(want), "{}", ls.stdout);
 }
 
 #[test]
