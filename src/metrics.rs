@@ -61,6 +61,9 @@ pub struct Metrics {
     pub client_timeouts: IntCounterVec,
     /// Looks at changed TLS files, by result (reloaded, rejected).
     pub tls_reloads: IntCounterVec,
+    /// notAfter of the certificate served, in Unix seconds, by `cert_file`; no series without
+    /// `tls:`. Alert on it: a rotation that keeps failing leaves the old certificate serving.
+    pub tls_certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -222,6 +225,11 @@ impl Metrics {
                 "dockside_tls_reloads_total",
                 "Changed TLS certificate files, by result (reloaded, rejected).",
                 &["result"],
+            ),
+            tls_certificate_expiry: gauge_vec(
+                "dockside_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served expires (notAfter), in Unix seconds.",
+                &["cert_file"],
             ),
             build_info: gauge_vec(
                 "dockside_build_info",

@@ -302,16 +302,34 @@ fn registry_service(
         }
     }
     if let Some(cert) = tls {
-        cert.watch(move |outcome| {
-            let result = match outcome {
-                Reload::Unchanged => return,
-                Reload::Reloaded => "reloaded",
-                Reload::Rejected(_) => "rejected",
-            };
-            metrics.tls_reloads.with_label_values(&[result]).inc();
-        });
+        watch_certificate(cert, metrics);
     }
     Ok(registry)
+}
+
+/// Logs and exports the certificate in use, now and after every reload.
+fn watch_certificate(cert: &Arc<ReloadingCert>, metrics: Arc<Metrics>) {
+    let expiry = |cert: &ReloadingCert, metrics: &Metrics| {
+        if let Some(info) = cert.info() {
+            let file = cert.cert_file().display().to_string();
+            let gauge = metrics.tls_certificate_expiry.with_label_values(&[&file]);
+            gauge.set(info.not_after);
+        }
+    };
+    if let Some(info) = cert.info() {
+        info.log("serving TLS");
+    }
+    expiry(cert, &metrics);
+    let watched = cert.clone();
+    cert.watch(move |outcome| {
+        let result = match outcome {
+            Reload::Unchanged => return,
+            Reload::Reloaded => "reloaded",
+            Reload::Rejected(_) => "rejected",
+        };
+        metrics.tls_reloads.with_label_values(&[result]).inc();
+        expiry(&watched, &metrics);
+    });
 }
 
 /// rustls asks `cert` for the certificate on every handshake, so a reload reaches new

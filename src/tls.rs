@@ -94,6 +94,44 @@ fn parse(
     }
 }
 
+/// What the log and the metrics tell about the certificate served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The first certificate's subject, e.g. `CN=mirror.example`.
+    pub subject: String,
+    /// Its notAfter, in seconds since the Unix epoch, and as text.
+    pub not_after: i64,
+    pub expires: String,
+}
+
+impl CertInfo {
+    /// `None` when the first certificate does not parse as X.509 (rustls served it anyway).
+    fn of(key: &CertifiedKey) -> Option<CertInfo> {
+        let (_, cert) = x509_parser::parse_x509_certificate(key.cert.first()?).ok()?;
+        let not_after = &cert.validity().not_after;
+        Some(CertInfo {
+            subject: cert.subject().to_string(),
+            not_after: not_after.timestamp(),
+            expires: not_after.to_string(),
+        })
+    }
+
+    pub fn log(&self, what: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (subject, expires) = (&self.subject, &self.expires);
+        if self.not_after <= now {
+            warn!(
+                subject,
+                expires, "{what}; it has EXPIRED: clients will refuse it"
+            );
+        } else {
+            info!(subject, expires, "{what}");
+        }
+    }
+}
+
 /// What one look at the files found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reload {
@@ -134,6 +172,15 @@ impl ReloadingCert {
             current: RwLock::new(Arc::new(key)),
             seen: Mutex::new((fingerprint(&cert_pem, &key_pem), None)),
         }))
+    }
+
+    pub fn cert_file(&self) -> &Path {
+        &self.files.cert_file
+    }
+
+    /// The subject and expiry of the certificate in use.
+    pub fn info(&self) -> Option<CertInfo> {
+        CertInfo::of(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Re-reads both files and swaps in the pair if it changed and loads.
@@ -260,8 +307,13 @@ mod tests {
     }
 
     #[test]
-    fn a_good_pair_loads() {
-        load(&data("a.pem"), &data("a.key")).unwrap();
+    fn a_good_pair_loads_and_tells_its_subject_and_expiry() {
+        let key = load(&data("a.pem"), &data("a.key")).unwrap();
+        let info = CertInfo::of(&key).unwrap();
+        assert_eq!(info.subject, "CN=a.test");
+        // notAfter=Oct 29 12:53:11 2126 GMT (openssl x509 -enddate)
+        assert_eq!(info.not_after, 4_948_951_991, "{info:?}");
+        assert!(info.expires.contains("2126"), "{info:?}");
     }
 
     #[test]

@@ -229,6 +229,21 @@ fn replaced_certificate_files_reach_new_connections_without_a_restart() {
     let pid = d.pid();
     let first = served_certificate(&d, &ca.pem);
     assert!(first.contains("CN = dockside-first"), "{first:?}");
+    // The certificates are made valid for two days: the gauge says so.
+    let expiry = d.metric(&format!(
+        "dockside_tls_certificate_expiry_timestamp_seconds{{cert_file={:?}}}",
+        live_cert.display().to_string()
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let in_two_days = expiry.map(|t| t - now - 2.0 * 86400.0);
+    assert!(in_two_days.is_some_and(|d| d.abs() < 3600.0), "{expiry:?}");
+    assert!(
+        d.log().contains("serving TLS"),
+        "the start-up log names the certificate"
+    );
 
     // A rotation: the key first, then the certificate (a moment with a mismatched pair).
     let (second_cert, second_key) = ca.issue("second", "dockside-second");
