@@ -328,6 +328,9 @@ fn watch_certificate(cert: &Arc<ReloadingCert>, metrics: Arc<Metrics>) {
             Reload::Rejected(_) => "rejected",
         };
         metrics.tls_reloads.with_label_values(&[result]).inc();
+        if let Some(info) = watched.info() {
+            info.log("serving TLS");
+        }
         expiry(&watched, &metrics);
     });
 }

@@ -94,7 +94,9 @@ fn parse(
     }
 }
 
-/// What the log and the metrics tell about the certificate served.
+/// What the log and the metrics tell about the certificate served (only the server needs it,
+/// so the fuzz build, without the `server` feature, skips x509-parser).
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
     /// The first certificate's subject, e.g. `CN=mirror.example`.
@@ -104,6 +106,7 @@ pub struct CertInfo {
     pub expires: String,
 }
 
+#[cfg(feature = "server")]
 impl CertInfo {
     /// `None` when the first certificate does not parse as X.509 (rustls served it anyway).
     fn of(key: &CertifiedKey) -> Option<CertInfo> {
@@ -179,6 +182,7 @@ impl ReloadingCert {
     }
 
     /// The subject and expiry of the certificate in use.
+    #[cfg(feature = "server")]
     pub fn info(&self) -> Option<CertInfo> {
         CertInfo::of(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
@@ -306,6 +310,7 @@ mod tests {
         CertificateDer::from_pem_slice(&pem).unwrap().to_vec()
     }
 
+    #[cfg(feature = "server")]
     #[test]
     fn a_good_pair_loads_and_tells_its_subject_and_expiry() {
         let key = load(&data("a.pem"), &data("a.key")).unwrap();
