@@ -160,6 +160,13 @@ fn podman_pulls_through_the_https_mirror() {
     let p = Podman::new(&d);
     let trust = ca.cert_dir().display().to_string();
     let image = "docker.io/library/tlspod:1.0";
+    let untrusting = p.podman(&["pull", image], Duration::from_secs(300));
+    assert!(!untrusting.success(), "podman trusted an unknown CA");
+    let refused = &untrusting.stderr;
+    assert!(
+        refused.contains("certificate signed by unknown authority"),
+        "{refused}"
+    );
     p.podman(
         &["pull", "--cert-dir", &trust, image],
         Duration::from_secs(300),
@@ -207,7 +214,13 @@ fn containerd_pulls_through_the_https_mirror_with_the_ca_in_hosts_toml() {
         ];
         c.ctr(&args, Duration::from_secs(300))
     };
-    assert!(!pull().success(), "containerd trusted an unknown CA");
+    let untrusting = pull();
+    assert!(!untrusting.success(), "containerd trusted an unknown CA");
+    let refused = format!("{}{}", untrusting.stdout, untrusting.stderr);
+    assert!(
+        refused.contains("certificate signed by unknown authority"),
+        "{refused}"
+    );
     let ca_line = format!("  ca = {:?}\n", ca.pem.display().to_string());
     std::fs::write(&hub, generated + &ca_line).unwrap();
     pull().assert_ok();
