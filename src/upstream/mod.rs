@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod credentials;
 
 use std::collections::HashMap;
 use std::sync::Arc;
