@@ -38,3 +38,6 @@ mod faults;
 mod airgap;
 #[path = "e2e/client_auth.rs"]
 mod client_auth;
+
+#[path = "e2e/credentials.rs"]
+mod credentials;

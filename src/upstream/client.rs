@@ -241,11 +241,16 @@ impl Upstream {
         url.set_query(call.query);
         let scope = pull_scope(call.name.as_str());
         let mut authorization = self.known_authorization(&scope).await?;
-        let mut challenged = false;
+        // Short-lived credentials may be refused when they were just fetched (revoked, rotated
+        // early): such an upstream gets a second challenge answered with fresh ones.
+        let mut challenges_left = match &self.credentials {
+            Some(provider) if provider.refreshable() => 2,
+            _ => 1,
+        };
         loop {
             let resp = self.send(call, &url, authorization.as_ref()).await?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
-                challenged = true;
+            if resp.status() == StatusCode::UNAUTHORIZED && challenges_left > 0 {
+                challenges_left -= 1;
                 let rejected = authorization.take();
                 authorization = Some(self.answer_challenge(&resp, &scope, rejected).await?);
                 continue;

@@ -205,10 +205,15 @@ impl Provider {
         }
     }
 
+    /// Whether a refused lease can be replaced by a fresh one (not for static credentials).
+    pub fn refreshable(&self) -> bool {
+        !matches!(self.inner.source, Source::Static(_))
+    }
+
     /// The registry refused `basic`. Returns whether asking again may give other credentials
     /// (false for static ones); the next [`Provider::current`] then fetches.
     pub fn refused(&self, basic: &Basic) -> bool {
-        if matches!(self.inner.source, Source::Static(_)) {
+        if !self.refreshable() {
             return false;
         }
         let mut cached = self.inner.cached.lock().expect("credentials lock");

@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use super::free_ports;
 use super::proc::Proc;
-use super::registry::{PASSWORD, Registry, USER, port_taken};
+use super::registry::{Registry, port_taken};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dockside");
 
@@ -25,6 +25,8 @@ pub struct Upstream {
     pub timeouts: Option<String>,
     /// An extra CA (PEM file) to trust for this upstream.
     pub ca_file: Option<String>,
+    /// More keys of this entry as YAML, each line indented by 4 (e.g. a `credentials:` block).
+    pub extra_yaml: Option<String>,
 }
 
 impl Upstream {
@@ -34,8 +36,8 @@ impl Upstream {
         Upstream {
             name: name.to_string(),
             url: reg.url(),
-            username: auth.then(|| USER.to_string()),
-            password: auth.then(|| PASSWORD.to_string()),
+            username: auth.then(|| reg.user.clone()),
+            password: auth.then(|| reg.password.clone()),
             ..Default::default()
         }
     }
@@ -61,6 +63,8 @@ pub struct Config {
     pub pin: Vec<String>,
     /// Appended as is: top-level keys the fields above do not cover (e.g. `client_auth:`).
     pub extra_yaml: String,
+    /// Environment variables for the dockside process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -74,6 +78,7 @@ impl Config {
             offline: false,
             pin: Vec::new(),
             extra_yaml: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -133,6 +138,9 @@ impl Config {
             if let Some(v) = &u.ca_file {
                 y += &format!("    ca_file: {}\n", q(v));
             }
+            if let Some(v) = &u.extra_yaml {
+                y += v;
+            }
         }
         if let Some(d) = &self.default_upstream {
             y += &format!("default_upstream: {}\n", q(d));
@@ -175,6 +183,7 @@ impl Dockside {
             .unwrap();
             let mut cmd = Command::new(BIN);
             cmd.arg("serve").arg("--config").arg(&cfg_path);
+            cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
             cmd.env("NO_COLOR", "1").env(
                 "RUST_LOG",
                 std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into()),
