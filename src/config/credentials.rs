@@ -340,3 +340,187 @@ fn url_host(url: &Url) -> String {
         None => host.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError, from_yaml_with_env};
+    use super::*;
+
+    fn parse_with(url: &str, creds: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let indented: String = creds.lines().map(|l| format!("      {l}\n")).collect();
+        let text = format!(
+            "listen: \"127.0.0.1:5000\"\ncache:\n  dir: /tmp/x\n  max_size: 1GiB\nupstreams:\n  - name: registry.example\n    \
+             url: {url}\n    credentials:\n{indented}"
+        );
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        from_yaml_with_env(&text, "test.yaml", &lookup)
+    }
+
+    fn source(url: &str, creds: &str) -> CredentialSource {
+        parse_with(url, creds, &[]).unwrap().upstreams[0]
+            .credential_source
+            .clone()
+            .unwrap()
+    }
+
+    fn err(url: &str, creds: &str) -> String {
+        parse_with(url, creds, &[]).unwrap_err().to_string()
+    }
+
+    const URL: &str = "https://registry.example";
+
+    #[test]
+    fn ecr_takes_account_and_region_from_an_ecr_host() {
+        let CredentialSource::Ecr(ecr) = source(
+            "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "ecr: {}",
+        ) else {
+            panic!("not ecr")
+        };
+        assert_eq!(ecr.region, "eu-west-1");
+        assert_eq!(ecr.registry_id.as_deref(), Some("123456789012"));
+        assert_eq!(
+            ecr.endpoint.as_str(),
+            "https://api.ecr.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(
+            ecr.sts_endpoint.as_str(),
+            "https://sts.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(ecr.imds_endpoint, None);
+    }
+
+    #[test]
+    fn ecr_region_from_config_or_environment_or_an_error() {
+        let from_env = parse_with(URL, "ecr: {}", &[("AWS_DEFAULT_REGION", "us-east-2")]).unwrap();
+        let Some(CredentialSource::Ecr(ecr)) = &from_env.upstreams[0].credential_source else {
+            panic!()
+        };
+        assert_eq!(ecr.region, "us-east-2");
+        assert_eq!(ecr.registry_id, None);
+        let msg = err(URL, "ecr: {}");
+        assert!(
+            msg.starts_with("test.yaml: upstreams[0].credentials.ecr.region: is not set"),
+            "{msg}"
+        );
+        let msg = err(URL, "ecr: {region: EU_West}");
+        assert!(msg.contains("\"EU_West\" is not an AWS region"), "{msg}");
+        let msg = err(URL, "ecr: {region: eu-west-1, registry_id: '123'}");
+        assert!(
+            msg.contains("credentials.ecr.registry_id: \"123\" is not a 12-digit"),
+            "{msg}"
+        );
+        let msg = err(URL, "ecr: {region: eu-west-1, endpoint: 'ftp://x'}");
+        assert!(
+            msg.contains("credentials.ecr.endpoint: \"ftp://x\" is not an http or https URL"),
+            "{msg}"
+        );
+        let msg = err(URL, "ecr: {region: eu-west-1, regoin: x}");
+        assert!(msg.contains("unknown field `regoin`"), "{msg}");
+    }
+
+    #[test]
+    fn exactly_one_source_and_no_username_beside_it() {
+        let msg = err(URL, "helper: a\nacr: {aad_token_env: X}");
+        assert!(
+            msg.contains(
+                "upstreams[0].credentials: needs exactly one of ecr, gcp, acr, helper (2 given)"
+            ),
+            "{msg}"
+        );
+        let text = "listen: \"127.0.0.1:5000\"\ncache:\n  dir: /x\n  max_size: 1GiB\nupstreams:\n  - name: r.example\n    \
+                    url: https://r.example\n    username: u\n    password: p\n    \
+                    credentials: {helper: x}\n";
+        let msg = from_yaml_with_env(text, "test.yaml", &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("cannot be combined with username"), "{msg}");
+    }
+
+    #[test]
+    fn gcp_needs_a_readable_service_account_key_or_the_metadata_server() {
+        let msg = err(URL, "gcp: {key_file: /nonexistent/sa.json}");
+        assert!(
+            msg.contains("credentials.gcp.key_file: \"/nonexistent/sa.json\" cannot be read"),
+            "{msg}"
+        );
+        let bad = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(bad.path(), r#"{"type":"service_account"}"#).unwrap();
+        let msg = err(URL, &format!("gcp: {{key_file: {}}}", bad.path().display()));
+        assert!(msg.contains("not a service-account key"), "{msg}");
+        let msg = err(URL, "gcp: {}");
+        assert!(
+            msg.contains("needs exactly one of key_file or metadata: true"),
+            "{msg}"
+        );
+        assert_eq!(
+            source(
+                URL,
+                "gcp: {metadata: true, metadata_endpoint: 'http://127.0.0.1:1'}"
+            ),
+            CredentialSource::Gcp(GcpSource::Metadata {
+                endpoint: Some(Url::parse("http://127.0.0.1:1").unwrap())
+            })
+        );
+    }
+
+    #[test]
+    fn acr_exchanges_at_the_registry_by_default() {
+        let CredentialSource::Acr(acr) = source(URL, "acr: {tenant: t, aad_token_env: AAD}") else {
+            panic!()
+        };
+        assert_eq!(
+            acr.exchange_url.as_str(),
+            "https://registry.example/oauth2/exchange"
+        );
+        assert_eq!(acr.aad_token, AadToken::Env("AAD".into()));
+        let msg = err(URL, "acr: {tenant: t}");
+        assert!(
+            msg.contains("needs exactly one of aad_token_file, aad_token_env"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn helpers_by_name_or_absolute_path() {
+        let CredentialSource::Helper(h) = source("http://127.0.0.1:5000", "helper: ecr-login")
+        else {
+            panic!()
+        };
+        assert_eq!(h.program, PathBuf::from("docker-credential-ecr-login"));
+        assert_eq!(h.server, "127.0.0.1:5000");
+        let CredentialSource::Helper(h) = source(URL, "helper: docker-credential-gcr") else {
+            panic!()
+        };
+        assert_eq!(h.program, PathBuf::from("docker-credential-gcr"));
+        assert_eq!(h.server, "registry.example");
+        let msg = err(URL, "helper: '../evil'");
+        assert!(
+            msg.contains("credentials.helper: \"../evil\" is neither a helper name"),
+            "{msg}"
+        );
+        let msg = err(URL, "helper: /nonexistent/docker-credential-x");
+        assert!(msg.contains("is not a file"), "{msg}");
+    }
+
+    #[test]
+    fn ecr_host_parts_only_match_ecr_hosts() {
+        assert_eq!(
+            ecr_host_parts("123456789012.dkr.ecr.us-east-1.amazonaws.com"),
+            Some(("123456789012", "us-east-1"))
+        );
+        assert_eq!(
+            ecr_host_parts("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn"),
+            Some(("123456789012", "cn-north-1"))
+        );
+        assert_eq!(
+            ecr_host_parts("12345.dkr.ecr.us-east-1.amazonaws.com"),
+            None
+        );
+        assert_eq!(ecr_host_parts("ghcr.io"), None);
+    }
+}

@@ -26,10 +26,10 @@ const IMDS_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Chain {
     pub async fn credentials(&self) -> Result<AwsCredentials, CredentialError> {
-        if let Some(creds) = from_env()? {
+        if let Some(creds) = env_credentials()? {
             return Ok(creds);
         }
-        if let Some(creds) = self.from_profile()? {
+        if let Some(creds) = self.profile_credentials()? {
             return Ok(creds);
         }
         if let (Some(token_file), Some(role)) =
@@ -43,12 +43,12 @@ impl Chain {
                  and AWS_EC2_METADATA_DISABLED is set",
             ));
         }
-        self.from_imds().await
+        self.imds_credentials().await
     }
 
     /// `[profile]` of `~/.aws/credentials`, then `[profile NAME]` (or `[default]`) of
     /// `~/.aws/config`. A profile named by config or AWS_PROFILE must exist; `default` may not.
-    fn from_profile(&self) -> Result<Option<AwsCredentials>, CredentialError> {
+    fn profile_credentials(&self) -> Result<Option<AwsCredentials>, CredentialError> {
         let named = self.profile.clone().or_else(|| env("AWS_PROFILE"));
         let profile = named.clone().unwrap_or_else(|| "default".into());
         let home = env("HOME").map(PathBuf::from).unwrap_or_default();
@@ -142,7 +142,7 @@ impl Chain {
     }
 
     /// IMDSv2: a session token (PUT), the role name, then the role's credentials.
-    async fn from_imds(&self) -> Result<AwsCredentials, CredentialError> {
+    async fn imds_credentials(&self) -> Result<AwsCredentials, CredentialError> {
         let base = match &self.imds_endpoint {
             Some(url) => url.clone(),
             None => {
@@ -209,7 +209,7 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn from_env() -> Result<Option<AwsCredentials>, CredentialError> {
+fn env_credentials() -> Result<Option<AwsCredentials>, CredentialError> {
     match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
         (Some(id), Some(secret)) => Ok(Some(AwsCredentials {
             access_key_id: id,
