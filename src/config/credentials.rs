@@ -55,11 +55,14 @@ pub struct AcrSource {
     pub exchange_url: Url,
 }
 
-/// Where the Azure AD access token is read, each time credentials are fetched (files rotate).
+/// Where the Azure AD access token comes from, each time credentials are fetched (files rotate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AadToken {
     File(PathBuf),
     Env(String),
+    /// AKS workload identity: the federated token in AZURE_FEDERATED_TOKEN_FILE, exchanged at
+    /// Azure AD (AZURE_AUTHORITY_HOST, AZURE_TENANT_ID, AZURE_CLIENT_ID) for an access token.
+    WorkloadIdentity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +108,8 @@ struct RawAcr {
     tenant: Option<String>,
     aad_token_file: Option<String>,
     aad_token_env: Option<String>,
+    #[serde(default)]
+    workload_identity: bool,
     exchange_url: Option<String>,
 }
 
@@ -263,14 +268,19 @@ impl Check<'_> {
     }
 
     fn acr(&self, key: &str, raw: &RawAcr, url: &Url) -> Result<AcrSource, ConfigError> {
-        let aad_token = match (&raw.aad_token_file, &raw.aad_token_env) {
-            (Some(path), None) => AadToken::File(PathBuf::from(path)),
-            (None, Some(var)) => AadToken::Env(var.clone()),
+        let aad_token = match (
+            &raw.aad_token_file,
+            &raw.aad_token_env,
+            raw.workload_identity,
+        ) {
+            (Some(path), None, false) => AadToken::File(PathBuf::from(path)),
+            (None, Some(var), false) => AadToken::Env(var.clone()),
+            (None, None, true) => AadToken::WorkloadIdentity,
             _ => {
                 return Err(self.invalid(
                     key,
-                    "needs exactly one of aad_token_file, aad_token_env (for ACR admin \
-                     credentials use username and password instead)"
+                    "needs exactly one of aad_token_file, aad_token_env, workload_identity: true \
+                     (for ACR admin credentials use username and password instead)"
                         .into(),
                 ));
             }
@@ -480,7 +490,7 @@ mod tests {
         assert_eq!(acr.aad_token, AadToken::Env("AAD".into()));
         let msg = err(URL, "acr: {tenant: t}");
         assert!(
-            msg.contains("needs exactly one of aad_token_file, aad_token_env"),
+            msg.contains("needs exactly one of aad_token_file, aad_token_env, workload_identity"),
             "{msg}"
         );
     }

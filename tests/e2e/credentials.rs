@@ -489,9 +489,12 @@ fn gcp_metadata_server_token_in_the_registry_token_flow() {
 // ---------------------------------------------------------------------------------------------
 // Azure: AAD token exchanged for an ACR refresh token
 
-#[test]
-fn acr_exchanges_the_aad_token_for_a_refresh_token() {
-    const AAD: &str = "aad-access-token-e2e";
+const AAD: &str = "aad-access-token-e2e";
+
+/// An ACR-like registry (token auth) whose token server accepts the refresh token a fake
+/// `/oauth2/exchange` hands out for the AAD token [`AAD`]; dockside configured with the `acr:`
+/// block `acr_yaml(exchange URL)` and `env` pulls through it.
+fn acr_pull(acr_yaml: impl Fn(&str) -> String, env: Vec<(String, String)>) {
     // ACR refresh tokens are JWTs; dockside reads their `exp` to know when to exchange again.
     let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{}}}"#, unix_now() + 3 * 3600));
     let refresh = format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln");
@@ -525,18 +528,12 @@ fn acr_exchanges_the_aad_token_for_a_refresh_token() {
             (401, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#.into())
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("aad-token");
-    std::fs::write(&token_file, format!("{AAD}\n")).unwrap();
-    let cfg = Config::new(vec![upstream_with(
+    let mut cfg = Config::new(vec![upstream_with(
         "e2e.azurecr.example",
         &reg,
-        &format!(
-            "acr:\n  tenant: e2e-tenant\n  aad_token_file: {}\n  exchange_url: {}/oauth2/exchange",
-            token_file.display(),
-            fake.url()
-        ),
+        &acr_yaml(&format!("{}/oauth2/exchange", fake.url())),
     )]);
+    cfg.env = env;
     let d = Dockside::start(&cfg);
     pull_oci_and_check(&d, "e2e.azurecr.example/team/app:v1", &img);
     assert_eq!(
@@ -553,6 +550,63 @@ fn acr_exchanges_the_aad_token_for_a_refresh_token() {
     let refused = asked.iter().filter(|r| !r.granted).count();
     assert_eq!(refused, 1, "only the revoked token was refused: {asked:?}");
     assert!(asked.len() > refused, "{asked:?}");
+}
+
+#[test]
+fn acr_exchanges_an_aad_token_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("aad-token");
+    std::fs::write(&token_file, format!("{AAD}\n")).unwrap();
+    acr_pull(
+        |exchange| {
+            format!(
+                "acr:\n  tenant: e2e-tenant\n  aad_token_file: {}\n  exchange_url: {exchange}",
+                token_file.display()
+            )
+        },
+        Vec::new(),
+    );
+}
+
+#[test]
+fn acr_with_aks_workload_identity() {
+    const FEDERATED: &str = "eyJhbGciOiJSUzI1NiJ9.federated.c2ln";
+    // Azure AD: client credentials with the federated token as the assertion.
+    let aad = Endpoint::start("azure ad", |r: &Request| {
+        let f = r.form();
+        let field = |k: &str| f.get(k).map(String::as_str);
+        let ok = r.method == "POST"
+            && r.path() == "/e2e-tenant/oauth2/v2.0/token"
+            && field("grant_type") == Some("client_credentials")
+            && field("client_id") == Some("e2e-client-id")
+            && field("scope") == Some("https://management.azure.com/.default")
+            && field("client_assertion_type")
+                == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            && field("client_assertion") == Some(FEDERATED);
+        if ok {
+            let answer = serde_json::json!({"access_token": AAD, "expires_in": 3599, "token_type": "Bearer"});
+            (200, answer.to_string())
+        } else {
+            (400, r#"{"error":"invalid_client"}"#.into())
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let federated = dir.path().join("azure-identity-token");
+    std::fs::write(&federated, FEDERATED).unwrap();
+    let env = [
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
+            federated.display().to_string(),
+        ),
+        ("AZURE_CLIENT_ID", "e2e-client-id".into()),
+        ("AZURE_TENANT_ID", "e2e-tenant".into()),
+        ("AZURE_AUTHORITY_HOST", format!("{}/", aad.url())),
+    ];
+    acr_pull(
+        |exchange| format!("acr:\n  workload_identity: true\n  exchange_url: {exchange}"),
+        env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    );
+    assert_eq!(aad.requests().len(), 2, "one AAD token per exchange");
 }
 
 // ---------------------------------------------------------------------------------------------

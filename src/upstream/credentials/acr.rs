@@ -1,5 +1,6 @@
 //! Azure Container Registry with an Azure AD identity: the AAD access token (from a file, which
-//! may rotate, or an environment variable) is exchanged at the registry's `/oauth2/exchange`
+//! may rotate, an environment variable, or AKS workload identity's federated token exchanged at
+//! Azure AD) is exchanged at the registry's `/oauth2/exchange`
 //! for an ACR refresh token, the password of the fixed user
 //! `00000000-0000-0000-0000-000000000000`. The registry's usual token flow then takes it.
 //! (ACR admin credentials need none of this: they are a plain username and password.)
@@ -10,6 +11,9 @@ use super::{Basic, CredentialError, Http, Lease, jwt_expiry, send_json};
 use crate::config::{AadToken, AcrSource, Secret};
 
 pub const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
+/// The audience `az acr login` asks Azure AD for; ACR's exchange accepts it.
+const AAD_SCOPE: &str = "https://management.azure.com/.default";
+const JWT_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 pub struct Acr {
     tenant: Option<String>,
@@ -36,8 +40,9 @@ impl Acr {
         }
     }
 
-    fn aad_token(&self) -> Result<Secret, CredentialError> {
+    async fn aad_token(&self) -> Result<Secret, CredentialError> {
         let token = match &self.aad_token {
+            AadToken::WorkloadIdentity => return self.workload_identity().await,
             AadToken::File(path) => std::fs::read_to_string(path).map_err(|e| {
                 CredentialError::refused(format!("aad_token_file {}: {e}", path.display()))
             })?,
@@ -52,14 +57,61 @@ impl Acr {
         Ok(Secret::new(token.to_string()))
     }
 
+    /// Client credentials with the federated token as assertion (what the Azure SDKs do with
+    /// the variables the AKS workload identity webhook sets).
+    async fn workload_identity(&self) -> Result<Secret, CredentialError> {
+        let var = |name: &str| {
+            env(name).ok_or_else(|| {
+                CredentialError::refused(format!(
+                    "workload identity: {name} is not set (is the pod labelled for workload identity?)"
+                ))
+            })
+        };
+        let file = var("AZURE_FEDERATED_TOKEN_FILE")?;
+        let assertion = std::fs::read_to_string(&file).map_err(|e| {
+            CredentialError::refused(format!("AZURE_FEDERATED_TOKEN_FILE {file:?}: {e}"))
+        })?;
+        let client_id = var("AZURE_CLIENT_ID")?;
+        let tenant = match &self.tenant {
+            Some(t) => t.clone(),
+            None => var("AZURE_TENANT_ID")?,
+        };
+        let authority = env("AZURE_AUTHORITY_HOST")
+            .unwrap_or_else(|| "https://login.microsoftonline.com/".into());
+        let url = format!(
+            "{}/{tenant}/oauth2/v2.0/token",
+            authority.trim_end_matches('/')
+        );
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.as_str()),
+            ("scope", AAD_SCOPE),
+            ("client_assertion_type", JWT_ASSERTION),
+            ("client_assertion", assertion.trim()),
+        ];
+        let req = self
+            .http
+            .client
+            .post(&url)
+            .timeout(self.http.timeout)
+            .form(&form);
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            access_token: String,
+        }
+        let answer: Answer = send_json(req, &format!("Azure AD token endpoint {url}")).await?;
+        Ok(Secret::new(answer.access_token))
+    }
+
     pub async fn fetch(&self) -> Result<Lease, CredentialError> {
-        let aad = self.aad_token()?;
+        let aad = self.aad_token().await?;
+        let tenant = self.tenant.clone().or_else(|| env("AZURE_TENANT_ID"));
         let mut form = vec![
             ("grant_type", "access_token"),
             ("service", self.service.as_str()),
             ("access_token", aad.expose()),
         ];
-        if let Some(tenant) = &self.tenant {
+        if let Some(tenant) = &tenant {
             form.push(("tenant", tenant));
         }
         let req = self
@@ -80,4 +132,8 @@ impl Acr {
             expires,
         })
     }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
