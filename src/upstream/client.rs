@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use super::auth::{Challenge, TokenCache, TokenResponse, parse_challenge, pull_scope};
-use super::credentials::{self, Basic, CredentialError, Provider};
+use super::credentials::{Basic, CredentialError, Provider};
 use super::{UpstreamError, UpstreamErrorKind};
 use crate::config::{Timeouts, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -68,14 +68,8 @@ impl Upstream {
             .any(|n| hub_names.contains(&n.to_ascii_lowercase().as_str()));
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let http = builder.build()?;
-        let credentials = Provider::new(
-            cfg,
-            credentials::Http {
-                client: http.clone(),
-                timeout: cfg.timeouts.first_byte,
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("upstream {}: credentials: {e}", cfg.name))?;
+        let credentials = Provider::new(cfg)
+            .map_err(|e| anyhow::anyhow!("upstream {}: credentials: {e}", cfg.name))?;
         let token_source = TokenSource {
             name: name.clone(),
             http: http.clone(),

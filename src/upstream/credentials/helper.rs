@@ -56,7 +56,8 @@ impl Helper {
             })?
             .map_err(|e| CredentialError::refused(format!("{what}: {e}")))?;
         if !out.status.success() {
-            // Helpers print "credentials not found in native keychain" and the like: no secret.
+            // A failing helper prints its error ("credentials not found in native keychain") on
+            // stdout (docker-credential-helpers) or stderr; it wrote no secret, so both are quoted.
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);
             let said: String = format!("{} {}", stderr.trim(), stdout.trim())

@@ -148,7 +148,11 @@ struct Inner {
 
 impl Provider {
     /// The provider for an upstream's configuration; `None` when it has no credentials.
-    pub fn new(cfg: &UpstreamConfig, http: Http) -> anyhow::Result<Option<Provider>> {
+    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Option<Provider>> {
+        let http = Http {
+            client: endpoint_client(cfg)?,
+            timeout: cfg.timeouts.first_byte,
+        };
         let source = match (&cfg.credentials, &cfg.credential_source) {
             (Some(c), _) => Source::Static(Basic {
                 username: c.username.clone(),
@@ -268,6 +272,25 @@ fn lifetimes(expires: Option<SystemTime>, now: SystemTime) -> (Duration, Option<
             (life / 4 * 3, Some(life))
         }
     }
+}
+
+/// The HTTP client for credential endpoints. It follows no redirects: these calls carry secrets
+/// (form fields, SigV4's `x-amz-security-token`) that reqwest would forward to another host,
+/// and no credential endpoint redirects. The upstream's `ca_file` is trusted here too, for
+/// endpoints on the same private network.
+fn endpoint_client(cfg: &UpstreamConfig) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("dockside/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(cfg.timeouts.connect)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &cfg.ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("ca_file {}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
 }
 
 /// Sends a request to a credential endpoint and reads a JSON answer; `what` names the call.
@@ -460,6 +483,36 @@ mod tests {
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
         );
         assert_eq!(jwt_expiry("not-a-jwt"), None);
+    }
+
+    /// A credential endpoint that redirects elsewhere is an error; the other host hears nothing.
+    #[tokio::test]
+    async fn credential_endpoints_do_not_follow_redirects() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = elsewhere.local_addr().unwrap().port();
+        let redirecting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = redirecting.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut conn, _) = redirecting.accept().await.unwrap();
+            let mut buf = [0; 4096];
+            let _ = conn.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://localhost:{target}/\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            conn.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let cfg = crate::config::Config::embedded_default().upstreams[0].clone();
+        let client = endpoint_client(&cfg).unwrap();
+        let req = client
+            .post(format!("http://127.0.0.1:{port}/token"))
+            .timeout(Duration::from_secs(2))
+            .form(&[("assertion", "secret")]);
+        let err = send_text(req, "test endpoint").await.unwrap_err();
+        assert!(err.message.contains("307"), "{err}");
+        let heard = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(heard.is_err(), "the redirect target was contacted");
     }
 
     #[test]
