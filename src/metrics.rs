@@ -43,6 +43,8 @@ pub struct Metrics {
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
     pub upstream_throttled: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Fetches of short-lived upstream credentials (ECR, GCP, ACR, helpers), by result.
+    pub upstream_credential_fetches: IntCounterVec,
     /// From sending a request upstream to its response headers.
     pub upstream_first_byte: HistogramVec,
     /// A whole blob download, first request to verified last byte.
@@ -177,6 +179,12 @@ impl Metrics {
                 "dockside_upstream_ratelimit_remaining",
                 "The upstream's last RateLimit-Remaining (Docker Hub: pulls left in the window).",
                 &["upstream"],
+            ),
+            upstream_credential_fetches: counter(
+                "dockside_upstream_credential_fetches_total",
+                "Fetches of upstream credentials from a credentials: source, by source and result \
+                 (ok, refused, unreachable).",
+                &["upstream", "source", "result"],
             ),
             oversize_blobs: counter(
                 "dockside_oversize_blobs_total",

@@ -68,7 +68,7 @@ impl Upstream {
             .any(|n| hub_names.contains(&n.to_ascii_lowercase().as_str()));
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let http = builder.build()?;
-        let credentials = Provider::new(cfg)
+        let credentials = Provider::new(cfg, metrics.clone())
             .map_err(|e| anyhow::anyhow!("upstream {}: credentials: {e}", cfg.name))?;
         let token_source = TokenSource {
             name: name.clone(),

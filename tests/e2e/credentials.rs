@@ -105,6 +105,12 @@ fn credential_helper_answers_and_is_asked_again_when_refused() {
     ));
     assert_eq!(r.status, 200);
     assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 2);
+    let metrics = http::get(&format!("{}/metrics", d.admin_url()))
+        .unwrap()
+        .text();
+    let fetches = "dockside_upstream_credential_fetches_total\
+                   {result=\"ok\",source=\"helper\",upstream=\"registry.example\"} 2";
+    assert!(metrics.contains(fetches), "{metrics}");
 }
 
 #[test]

@@ -26,6 +26,7 @@ use http::HeaderValue;
 use tracing::{info, warn};
 
 use crate::config::{CredentialSource, Secret, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::singleflight::SingleFlight;
 
 /// A user name and password for Basic auth, to the registry or to its token endpoint.
@@ -144,11 +145,12 @@ struct Inner {
     source: Source,
     cached: Mutex<Option<Cached>>,
     flight: SingleFlight<(), Result<Lease, CredentialError>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Provider {
     /// The provider for an upstream's configuration; `None` when it has no credentials.
-    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Option<Provider>> {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Option<Provider>> {
         let http = Http {
             client: endpoint_client(cfg)?,
             timeout: cfg.timeouts.first_byte,
@@ -166,16 +168,21 @@ impl Provider {
             }
             (None, None) => return Ok(None),
         };
-        Ok(Some(Provider::from_source(&cfg.name, source)))
+        Ok(Some(Provider::from_source(
+            &cfg.name,
+            source,
+            Some(metrics),
+        )))
     }
 
-    fn from_source(upstream: &str, source: Source) -> Provider {
+    fn from_source(upstream: &str, source: Source, metrics: Option<Arc<Metrics>>) -> Provider {
         Provider {
             inner: Arc::new(Inner {
                 upstream: Arc::from(upstream),
                 source,
                 cached: Mutex::new(None),
                 flight: SingleFlight::new(),
+                metrics,
             }),
         }
     }
@@ -245,7 +252,9 @@ impl Provider {
     async fn refresh(&self) -> Result<Lease, CredentialError> {
         let inner = self.inner.clone();
         let fetch = move || async move {
-            let lease = inner.source.fetch().await?;
+            let fetched = inner.source.fetch().await;
+            inner.count(&fetched);
+            let lease = fetched?;
             let fetched = Instant::now();
             let (refresh_in, expires_in) = lifetimes(lease.expires, SystemTime::now());
             info!(upstream = %inner.upstream, source = inner.source.kind(),
@@ -258,6 +267,23 @@ impl Provider {
             Ok(lease)
         };
         self.inner.flight.run((), fetch).await.0
+    }
+}
+
+impl Inner {
+    fn count(&self, fetched: &Result<Lease, CredentialError>) {
+        let result = match fetched {
+            Ok(_) => "ok",
+            Err(e) if e.transient => "unreachable",
+            Err(_) => "refused",
+        };
+        if let (Some(m), Source::Ecr(_) | Source::Gcp(_) | Source::Acr(_) | Source::Helper(_)) =
+            (&self.metrics, &self.source)
+        {
+            m.upstream_credential_fetches
+                .with_label_values(&[&self.upstream, self.source.kind(), result])
+                .inc();
+        }
     }
 }
 
@@ -387,7 +413,7 @@ mod tests {
             },
             Duration::from_secs(10),
         );
-        Provider::from_source("test", Source::Helper(source))
+        Provider::from_source("test", Source::Helper(source), None)
     }
 
     #[tokio::test]
@@ -422,7 +448,7 @@ mod tests {
 
     #[tokio::test]
     async fn static_credentials_are_never_refetched() {
-        let p = Provider::from_source("test", Source::Static(basic("s")));
+        let p = Provider::from_source("test", Source::Static(basic("s")), None);
         let b = p.current().await.unwrap();
         assert!(!p.refused(&b), "nothing else to try");
         assert_eq!(p.current().await.unwrap(), basic("s"));
