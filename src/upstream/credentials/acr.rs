@@ -7,7 +7,7 @@
 
 use url::Url;
 
-use super::{Basic, CredentialError, Http, Lease, jwt_expiry, send_json};
+use super::{Basic, CredentialError, Http, Lease, env, jwt_expiry, send_json};
 use crate::config::{AadToken, AcrSource, Secret};
 
 pub const USERNAME: &str = "00000000-0000-0000-0000-000000000000";
@@ -132,8 +132,4 @@ impl Acr {
             expires,
         })
     }
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use url::Url;
 
 use super::sigv4::AwsCredentials;
-use super::{CredentialError, Http, send_text};
+use super::{CredentialError, Http, env, send_text};
 use crate::config::Secret;
 
 /// Where the chain looks, besides the process environment.
@@ -203,10 +203,6 @@ impl Chain {
             session_token: Some(Secret::new(creds.token)),
         })
     }
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 fn env_credentials() -> Result<Option<AwsCredentials>, CredentialError> {

@@ -17,7 +17,7 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::pem::PemObject;
 use url::Url;
 
-use super::{Basic, CredentialError, Http, Lease, send_json};
+use super::{Basic, CredentialError, Http, Lease, env, send_json};
 use crate::config::{GcpSource, Secret};
 
 pub const USERNAME: &str = "oauth2accesstoken";
@@ -159,10 +159,7 @@ fn metadata_base(endpoint: Option<&Url>) -> Result<Url, CredentialError> {
     if let Some(url) = endpoint {
         return Ok(url.clone());
     }
-    let host = std::env::var("GCE_METADATA_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "metadata.google.internal".into());
+    let host = env("GCE_METADATA_HOST").unwrap_or_else(|| "metadata.google.internal".into());
     Url::parse(&format!("http://{host}"))
         .map_err(|e| CredentialError::refused(format!("GCE_METADATA_HOST {host:?}: {e}")))
 }

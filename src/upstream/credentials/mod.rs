@@ -357,6 +357,11 @@ pub(crate) async fn send_text(
     Ok(text)
 }
 
+/// A set, non-empty environment variable (read when credentials are fetched, not at start).
+pub(crate) fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
