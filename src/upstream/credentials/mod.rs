@@ -81,6 +81,8 @@ impl CredentialError {
 
 /// A lease whose source gives no lifetime (a credential helper) is asked again after this.
 const UNDATED_LEASE: Duration = Duration::from_secs(5 * 60);
+/// A failed background refresh is tried again after this.
+const RETRY_REFRESH: Duration = Duration::from_secs(30);
 /// However short a lease claims to be, it is kept this long (its issuer's clock may be off; a
 /// refusal still drops it at once).
 const MIN_KEEP: Duration = Duration::from_secs(30);
@@ -189,6 +191,9 @@ impl Provider {
 
     /// The credentials to send now: cached, or fetched (once for all concurrent callers).
     pub async fn current(&self) -> Result<Basic, CredentialError> {
+        if let Source::Static(basic) = &self.inner.source {
+            return Ok(basic.clone());
+        }
         let now = Instant::now();
         let (usable, due) = {
             let cached = self.inner.cached.lock().expect("credentials lock");
@@ -205,6 +210,7 @@ impl Provider {
                     let this = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = this.refresh().await {
+                            this.postpone_refresh();
                             warn!(upstream = %this.inner.upstream, error = %e,
                                   "refreshing credentials failed; the current ones are kept until they expire");
                         }
@@ -213,6 +219,14 @@ impl Provider {
                 Ok(basic)
             }
             None => self.refresh().await.map(|lease| lease.basic),
+        }
+    }
+
+    /// After a failed background refresh, wait before the next one, so that a credential
+    /// endpoint that is down is not asked again by every request.
+    fn postpone_refresh(&self) {
+        if let Some(c) = self.inner.cached.lock().expect("credentials lock").as_mut() {
+            c.refresh_at = Instant::now() + RETRY_REFRESH;
         }
     }
 
@@ -474,6 +488,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the background refresh never landed");
+    }
+
+    #[tokio::test]
+    async fn a_failed_background_refresh_is_not_retried_by_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = counting_provider(dir.path(), "0");
+        assert_eq!(p.current().await.unwrap(), basic("pw-1"));
+        // From now on the helper fails, as an endpoint that is down would.
+        let script = dir.path().join("docker-credential-count");
+        let calls = dir.path().join("failed");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho x >> {}\nexit 1\n", calls.display()),
+        )
+        .unwrap();
+        p.inner.cached.lock().unwrap().as_mut().unwrap().refresh_at = Instant::now();
+        for _ in 0..20 {
+            assert_eq!(
+                p.current().await.unwrap(),
+                basic("pw-1"),
+                "still valid: kept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let failed = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert_eq!(
+            failed.lines().count(),
+            1,
+            "one failed refresh, then a pause"
+        );
+        let next = p.inner.cached.lock().unwrap().as_ref().unwrap().refresh_at;
+        assert!(next > Instant::now() + RETRY_REFRESH / 2);
     }
 
     #[tokio::test]
