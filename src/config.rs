@@ -80,8 +80,11 @@ pub struct CacheConfig {
 pub struct UpstreamConfig {
     /// The registry host clients use, lowercased.
     pub name: String,
-    /// http or https, host and optional port, path `/`, nothing else.
-    pub url: Url,
+    /// `url:` or `urls:`, in order of preference (a regional mirror, then the origin). Each is
+    /// http or https, host and optional port, path `/`, nothing else. Never empty, no repeats.
+    pub urls: Vec<Url>,
+    /// When a URL that keeps failing is skipped.
+    pub circuit: Circuit,
     /// Lowercased; unique across all names and aliases.
     pub aliases: Vec<String>,
     pub credentials: Option<Credentials>,
@@ -96,6 +99,23 @@ pub struct UpstreamConfig {
     pub offline: bool,
     /// Extra attempts after a connect error or a 5xx, with backoff.
     pub retries: u32,
+}
+
+/// A URL is skipped for `cooldown` after `failures` failures in a row (connect errors, timeouts,
+/// 5xx); then one request tries it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Circuit {
+    pub failures: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for Circuit {
+    fn default() -> Circuit {
+        Circuit {
+            failures: 3,
+            cooldown: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,7 +288,9 @@ struct RawCache {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
-    url: String,
+    url: Option<String>,
+    urls: Option<Vec<String>>,
+    circuit: Option<RawCircuit>,
     #[serde(default)]
     aliases: Vec<String>,
     username: Option<String>,
@@ -281,6 +303,13 @@ struct RawUpstream {
     timeouts: Option<RawTimeouts>,
     offline: Option<bool>,
     retries: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCircuit {
+    failures: Option<u32>,
+    cooldown: Option<Scalar>,
 }
 
 #[derive(Deserialize, Default)]
@@ -595,13 +624,14 @@ impl Check<'_> {
             Some(s) => self.duration(&format!("{key}.tag_ttl"), s)?,
             None => default_ttl,
         };
-        let url = self.upstream_url(&format!("{key}.url"), &raw.url)?;
+        let urls = self.upstream_urls(key, raw)?;
         Ok(UpstreamConfig {
             name,
+            credential_source: self.credential_source(key, raw, &urls[0])?,
+            urls,
+            circuit: self.circuit(&format!("{key}.circuit"), raw.circuit.as_ref())?,
             aliases,
             credentials: self.credentials(key, raw)?,
-            credential_source: self.credential_source(key, raw, &url)?,
-            url,
             ca_file: self.ca_file(&format!("{key}.ca_file"), raw.ca_file.as_deref())?,
             tag_ttl,
             timeouts: self.timeouts(&format!("{key}.timeouts"), raw.timeouts.as_ref())?,
@@ -618,6 +648,58 @@ impl Check<'_> {
             ));
         }
         Ok(name.to_ascii_lowercase())
+    }
+
+    fn upstream_urls(&self, key: &str, raw: &RawUpstream) -> Result<Vec<Url>, ConfigError> {
+        let (field, texts) = match (&raw.url, &raw.urls) {
+            (Some(url), None) => ("url", std::slice::from_ref(url)),
+            (None, Some(urls)) => ("urls", urls.as_slice()),
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    &format!("{key}.urls"),
+                    "give url (one) or urls (a list), not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(self.invalid(key, "needs url (or urls, a list)".into()));
+            }
+        };
+        if texts.is_empty() {
+            return Err(self.invalid(&format!("{key}.urls"), "is empty".into()));
+        }
+        let mut urls: Vec<Url> = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let item = match field {
+                "url" => format!("{key}.url"),
+                _ => format!("{key}.urls[{i}]"),
+            };
+            let url = self.upstream_url(&item, text)?;
+            if urls.contains(&url) {
+                return Err(self.invalid(&item, format!("{:?} is listed twice", url.as_str())));
+            }
+            urls.push(url);
+        }
+        Ok(urls)
+    }
+
+    fn circuit(&self, key: &str, raw: Option<&RawCircuit>) -> Result<Circuit, ConfigError> {
+        let defaults = Circuit::default();
+        let Some(raw) = raw else {
+            return Ok(defaults);
+        };
+        let failures = match raw.failures {
+            None => defaults.failures,
+            Some(0) => {
+                return Err(self.invalid(&format!("{key}.failures"), "0 must be at least 1".into()));
+            }
+            Some(n) => n,
+        };
+        let cooldown = self.timeout(
+            &format!("{key}.cooldown"),
+            raw.cooldown.as_ref(),
+            defaults.cooldown,
+        )?;
+        Ok(Circuit { failures, cooldown })
     }
 
     fn upstream_url(&self, key: &str, text: &str) -> Result<Url, ConfigError> {
@@ -1052,7 +1134,7 @@ upstreams:
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         assert_eq!(c.default_upstream, "docker.io");
         let u = &c.upstreams[0];
-        assert_eq!(u.url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(u.urls[0].as_str(), "https://registry-1.docker.io/");
         assert_eq!(u.tag_ttl, Duration::from_secs(300));
         assert_eq!(u.timeouts, Timeouts::default());
         assert_eq!(u.credentials, None);
@@ -1118,7 +1200,7 @@ default_upstream: index.docker.io
         );
 
         let private = &c.upstreams[1];
-        assert_eq!(private.url.as_str(), "http://10.0.0.1:8080/");
+        assert_eq!(private.urls[0].as_str(), "http://10.0.0.1:8080/");
         assert_eq!(private.tag_ttl, Duration::from_secs(600));
         assert_eq!(private.ca_file.as_deref(), Some(ca.path()));
     }
@@ -1154,7 +1236,7 @@ default_upstream: index.docker.io
         );
         assert_eq!(c.default_upstream, "docker.io");
         let hub = c.upstream("index.docker.io").unwrap();
-        assert_eq!(hub.url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(hub.urls[0].as_str(), "https://registry-1.docker.io/");
         assert!(c.upstream("registry-1.docker.io").is_some());
         assert!(c.upstreams.iter().all(|u| u.credentials.is_none()));
     }
@@ -1165,7 +1247,10 @@ default_upstream: index.docker.io
         let local = Config::load(&dir.join("local-registry.yaml")).unwrap();
         assert_eq!(local.upstreams.len(), 1);
         assert_eq!(local.upstreams[0].name, "localhost:5001");
-        assert_eq!(local.upstreams[0].url.as_str(), "http://127.0.0.1:5001/");
+        assert_eq!(
+            local.upstreams[0].urls[0].as_str(),
+            "http://127.0.0.1:5001/"
+        );
         assert_eq!(local.default_upstream, "localhost:5001");
 
         // basic-auth.yaml points at a password file that exists only on a
@@ -1333,6 +1418,58 @@ default_upstream: index.docker.io
         assert_contains(&msg, &["cache.tag_ttl: \"soon\" is not a duration"]);
         let msg = err(&with_upstream_keys("    tag_ttl: 1x\n"));
         assert_contains(&msg, &["upstreams[0].tag_ttl: \"1x\" is not a duration"]);
+    }
+
+    #[test]
+    fn urls_list_fail_over_targets_in_order_with_a_circuit() {
+        let one_url = MINIMAL.replace("    url: https://registry-1.docker.io\n", "");
+        let c = parse(&format!(
+            "{one_url}    urls: [https://mirror.gcr.io, https://registry-1.docker.io]\n    circuit: {{failures: 5, cooldown: 1m}}\n"
+        ))
+        .unwrap();
+        let urls: Vec<&str> = c.upstreams[0].urls.iter().map(|u| u.as_str()).collect();
+        assert_eq!(
+            urls,
+            ["https://mirror.gcr.io/", "https://registry-1.docker.io/"]
+        );
+        assert_eq!(
+            c.upstreams[0].circuit,
+            Circuit {
+                failures: 5,
+                cooldown: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            parse(MINIMAL).unwrap().upstreams[0].circuit,
+            Circuit::default()
+        );
+
+        let both = err(&with_upstream_keys("    urls: [https://mirror.gcr.io]\n"));
+        assert_contains(
+            &both,
+            &["upstreams[0].urls: give url (one) or urls (a list), not both"],
+        );
+        assert_contains(&err(&one_url), &["upstreams[0]: needs url"]);
+        assert_contains(
+            &err(&format!("{one_url}    urls: []\n")),
+            &["upstreams[0].urls: is empty"],
+        );
+        assert_contains(
+            &err(&format!("{one_url}    urls: [http://a:1, 'ftp://b']\n")),
+            &["upstreams[0].urls[1]: \"ftp://b\" is not an http or https URL"],
+        );
+        assert_contains(
+            &err(&format!("{one_url}    urls: [http://a:1, 'http://a:1/']\n")),
+            &["upstreams[0].urls[1]: \"http://a:1/\" is listed twice"],
+        );
+        assert_contains(
+            &err(&with_upstream_keys("    circuit: {failures: 0}\n")),
+            &["upstreams[0].circuit.failures: 0 must be at least 1"],
+        );
+        assert_contains(
+            &err(&with_upstream_keys("    circuit: {cooldown: soon}\n")),
+            &["upstreams[0].circuit.cooldown: \"soon\" is not a duration"],
+        );
     }
 
     #[test]

@@ -245,10 +245,13 @@ async fn stream_into(
             (Ok(()), _) => return Ok(keep),
             (Err(e), _) => e,
         };
-        // Only a body that broke can be resumed, and only when we know where it ends.
+        // Only a body that broke or stalled past `timeouts.idle` can be resumed, and only when
+        // we know where it ends.
         let resumable = matches!(
             err.kind,
-            UpstreamErrorKind::Body(_) | UpstreamErrorKind::Truncated { .. }
+            UpstreamErrorKind::Body(_)
+                | UpstreamErrorKind::Truncated { .. }
+                | UpstreamErrorKind::Timeout(_)
         );
         let Some(total) = len.filter(|_| resumable && resumes < MAX_RESUMES) else {
             return Err(err);

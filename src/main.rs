@@ -39,6 +39,11 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Zero-downtime upgrade: take the listening sockets over from the server running with
+        /// this config. Start this, then send the old process SIGQUIT within 5 s; it hands its
+        /// listeners over and drains.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file and exit: non-zero with a message naming the key and value.
     CheckConfig {
@@ -120,9 +125,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => {
+        Command::Serve { config, upgrade } => {
             let config = Config::load(&config)?;
-            dockside::server::run(config, pingora::server::UnixShutdownSignalWatch)
+            let start = match upgrade {
+                true => dockside::server::Start::Upgrade,
+                false => dockside::server::Start::Fresh,
+            };
+            dockside::server::run(config, start, pingora::server::UnixShutdownSignalWatch)
         }
         Command::CheckConfig { config } => {
             let loaded = Config::load(&config)?;

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub upstream_ratelimit_remaining: IntGaugeVec,
     /// Fetches of short-lived upstream credentials (ECR, GCP, ACR, helpers), by result.
     pub upstream_credential_fetches: IntCounterVec,
+    /// 1 while a URL's circuit is closed, 0 while it is skipped.
+    pub upstream_url_up: IntGaugeVec,
+    /// Requests that moved on to an upstream's next URL.
+    pub upstream_failovers: IntCounterVec,
     /// From sending a request upstream to its response headers.
     pub upstream_first_byte: HistogramVec,
     /// A whole blob download, first request to verified last byte.
@@ -185,6 +189,16 @@ impl Metrics {
                 "Fetches of upstream credentials from a credentials: source, by source and result \
                  (ok, refused, unreachable).",
                 &["upstream", "source", "result"],
+            ),
+            upstream_url_up: gauge_vec(
+                "dockside_upstream_url_up",
+                "1 while requests go to this upstream URL, 0 while its circuit breaker skips it.",
+                &["upstream", "url"],
+            ),
+            upstream_failovers: counter(
+                "dockside_upstream_failovers_total",
+                "Requests that moved on to the upstream's next URL after a failure or a 404.",
+                &["upstream"],
             ),
             oversize_blobs: counter(
                 "dockside_oversize_blobs_total",

@@ -3,6 +3,7 @@
 //! blobs stream from disk or from a fill in flight.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,10 +178,26 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
 
 impl Mirror {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mirror>> {
+        Mirror::open(config, metrics, DiskStore::open)
+    }
+
+    /// For a server taking over from a running one (`serve --upgrade`): see
+    /// [`DiskStore::open_beside_running`].
+    pub fn new_beside_running(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        Mirror::open(config, metrics, DiskStore::open_beside_running)
+    }
+
+    fn open(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        open_store: fn(&Path, u64) -> std::io::Result<DiskStore>,
+    ) -> anyhow::Result<Arc<Mirror>> {
         let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
-        let store = Arc::new(
-            DiskStore::open(&config.cache.dir, config.cache.max_size).map_err(cache_error)?,
-        );
+        let store =
+            Arc::new(open_store(&config.cache.dir, config.cache.max_size).map_err(cache_error)?);
         let upstreams = Upstreams::new(config, metrics.clone())?;
         let mut pins = Vec::new();
         for image in &config.cache.pin {

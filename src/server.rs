@@ -169,22 +169,48 @@ struct MarkStopping<W> {
 impl<W: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for MarkStopping<W> {
     async fn recv(&self) -> ShutdownSignal {
         let signal = self.inner.recv().await;
-        self.mirror.set_stopping();
-        info!(?signal, "shutting down; /readyz now answers 503");
+        if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            // The listeners live on in the new process: this one must not look unready to
+            // probes that reach it while both accept.
+            info!("handing the listeners over to the new process (SIGQUIT), then draining");
+        } else {
+            self.mirror.set_stopping();
+            info!(?signal, "shutting down; /readyz now answers 503");
+        }
         signal
     }
+}
+
+/// How `serve` starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Bind the listeners and take the cache.
+    Fresh,
+    /// `serve --upgrade`: take the listening sockets over from the server running on this
+    /// config (it hands them over on SIGQUIT) and share the cache with it until it exits.
+    Upgrade,
 }
 
 /// Start the mirror and block until shutdown. `shutdown` is usually pingora's Unix signal
 /// watcher (SIGINT fast, SIGTERM graceful within `grace_period`, SIGQUIT hands over listeners).
 pub fn run(
     config: Config,
+    start: Start,
     shutdown: impl ShutdownSignalWatch + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    check_listen_addresses(&config)?;
-    let _lock = crate::airgap::CacheLock::acquire(&config.cache.dir, crate::airgap::lock::SERVER)?;
     let metrics = Arc::new(Metrics::new());
-    let mirror = Mirror::new(&config, metrics)?;
+    let (_lock, mirror) = match start {
+        Start::Fresh => {
+            check_listen_addresses(&config)?;
+            let lock =
+                crate::airgap::CacheLock::acquire(&config.cache.dir, crate::airgap::lock::SERVER)?;
+            (Some(lock), Mirror::new(&config, metrics)?)
+        }
+        Start::Upgrade => {
+            crate::airgap::CacheLock::take_over(&config.cache.dir)?;
+            (None, Mirror::new_beside_running(&config, metrics)?)
+        }
+    };
     mirror.start_maintenance();
 
     let grace = config.grace_period.as_secs().max(1);
@@ -200,7 +226,15 @@ pub fn run(
         .join("dockside-upgrade.sock")
         .to_string_lossy()
         .into_owned();
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: start == Start::Upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if start == Start::Upgrade {
+        info!(socket = %server.configuration.upgrade_sock,
+              "waiting up to 5 s for the running server's listeners: send it SIGQUIT");
+    }
     server.bootstrap();
 
     let mut registry = pingora::proxy::http_proxy_service_with_name(

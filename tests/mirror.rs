@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dockside::config::Config;
-use dockside::server::{ChannelShutdown, run};
+use dockside::server::{ChannelShutdown, Start, run};
 use fake::{Auth, FakeUpstream, Fault, OCI_MANIFEST, digest_of};
 use reqwest::StatusCode;
 
@@ -66,7 +66,8 @@ async fn start_mirror_sized(upstreams: &str, tag_ttl: &str, max_size: &str) -> M
     );
     let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let thread = std::thread::spawn(move || run(config, ChannelShutdown(rx)).unwrap());
+    let thread =
+        std::thread::spawn(move || run(config, Start::Fresh, ChannelShutdown(rx)).unwrap());
     let mirror = Mirror {
         base: format!("http://127.0.0.1:{port}"),
         admin: format!("http://127.0.0.1:{admin}"),

@@ -31,6 +31,8 @@ pub enum LockError {
         /// `(pid, what)` as the holder wrote it, if readable.
         holder: Option<(u32, String)>,
     },
+    #[error("--upgrade: no running dockside server holds {}/lock to take over from", .dir.display())]
+    NoServer { dir: PathBuf },
     #[error("cannot lock {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -85,6 +87,60 @@ impl CacheLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// For `serve --upgrade`: the cache must be held by a running server (the one handing its
+    /// listeners over), which this process then shares the cache with until it exits. A thread
+    /// waits for its lock and holds it for the rest of this process's life, so tools stay
+    /// locked out before, during and after the handover.
+    pub fn take_over(dir: &Path) -> Result<(), LockError> {
+        let tool_or_nobody = match CacheLock::acquire(dir, SERVER) {
+            Ok(_free) => Err(LockError::NoServer {
+                dir: dir.to_path_buf(),
+            }),
+            Err(LockError::Busy {
+                holder: Some((_, what)),
+                ..
+            }) if what == SERVER => Ok(()),
+            Err(e) => Err(e),
+        };
+        tool_or_nobody?;
+        // The check above and the wait below are not atomic: a tool could take the lock when the
+        // old server exits; the wait then simply lasts until the tool is done.
+        let dir = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("cache-lock".into())
+            .spawn(move || wait_and_hold(&dir))
+            .map_err(|source| LockError::Io {
+                path: PathBuf::from("lock thread"),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn wait_and_hold(dir: &Path) {
+    let path = dir.join("lock");
+    let locked = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .and_then(|mut file| {
+            // SAFETY: flock on a descriptor that `file` owns and keeps open for the call.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            file.set_len(0)?;
+            write!(file, "{} {SERVER}", std::process::id())?;
+            Ok(file)
+        });
+    match locked {
+        Ok(file) => {
+            tracing::info!(lock = %path.display(), "the upgraded server has exited; cache lock taken");
+            // The kernel releases the lock when the process exits.
+            std::mem::forget(file);
+        }
+        Err(e) => tracing::error!(lock = %path.display(), error = %e, "cannot take the cache lock"),
+    }
 }
 
 fn read_holder(file: &mut File) -> Option<(u32, String)> {
@@ -132,5 +188,34 @@ mod tests {
         );
         assert!(err.to_string().ends_with("wait for it to finish"), "{err}");
         drop(tool);
+    }
+
+    #[test]
+    fn an_upgrade_takes_over_only_from_a_server_and_then_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let err = CacheLock::take_over(&cache).expect_err("nothing to take over from");
+        assert!(
+            err.to_string().contains("no running dockside server"),
+            "{err}"
+        );
+        let tool = CacheLock::acquire(&cache, "export").unwrap();
+        let err = CacheLock::take_over(&cache).expect_err("a tool is no server");
+        assert!(err.to_string().starts_with("dockside export"), "{err}");
+        drop(tool);
+
+        let server = CacheLock::acquire(&cache, SERVER).unwrap();
+        CacheLock::take_over(&cache).expect("a running server");
+        drop(server);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match CacheLock::acquire(&cache, "import") {
+                Err(LockError::Busy { .. }) => break,
+                Ok(_) | Err(_) if std::time::Instant::now() > deadline => {
+                    panic!("the lock was not taken over")
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
     }
 }

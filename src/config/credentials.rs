@@ -131,7 +131,8 @@ fn valid_region(region: &str) -> bool {
 }
 
 impl Check<'_> {
-    /// The upstream's credential source, if it has one; `url` is its validated URL.
+    /// The upstream's credential source, if it has one. `url` is its first validated URL: the
+    /// host that ECR's region, a helper's question and ACR's exchange are derived from.
     pub(super) fn credential_source(
         &self,
         key: &str,

@@ -43,6 +43,16 @@ impl DiskStore {
     /// leftover temp files, rebuilds the index from `objects/` in the order saved in `lru`, and
     /// evicts whatever no longer fits.
     pub fn open(root: &Path, max_bytes: u64) -> io::Result<DiskStore> {
+        DiskStore::open_with(root, max_bytes, true)
+    }
+
+    /// Like [`DiskStore::open`] while the server being upgraded still fills into `tmp/`: its
+    /// temp files are left alone (the next plain start removes whatever it left behind).
+    pub fn open_beside_running(root: &Path, max_bytes: u64) -> io::Result<DiskStore> {
+        DiskStore::open_with(root, max_bytes, false)
+    }
+
+    fn open_with(root: &Path, max_bytes: u64, clean_tmp: bool) -> io::Result<DiskStore> {
         let store = DiskStore {
             shared: Arc::new(Shared {
                 root: root.to_path_buf(),
@@ -52,7 +62,11 @@ impl DiskStore {
                 evicted_bytes: AtomicU64::new(0),
             }),
         };
-        store.clean_tmp()?;
+        if clean_tmp {
+            store.clean_tmp()?;
+        } else {
+            fs::create_dir_all(store.shared.tmp_dir())?;
+        }
         fs::create_dir_all(store.shared.objects_dir())?;
         store.rebuild_index()?;
         Ok(store)

@@ -1,31 +1,22 @@
 //! One upstream registry: an HTTP client with its own CA, timeouts and credentials, the bearer
 //! token flow, and the mapping of upstream statuses to [`UpstreamErrorKind`].
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, StatusCode};
 use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use url::Url;
 
 use super::auth::{Challenge, TokenCache, TokenResponse, parse_challenge, pull_scope};
 use super::credentials::{Basic, CredentialError, Provider};
+use super::endpoints::{AuthMode, Endpoint, Endpoints};
 use super::{UpstreamError, UpstreamErrorKind};
 use crate::config::{Timeouts, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::singleflight::SingleFlight;
-
-/// What the upstream asked us to authenticate with, learned from its first challenge.
-#[derive(Clone)]
-enum AuthMode {
-    Bearer {
-        realm: String,
-        service: Option<String>,
-    },
-    Basic,
-}
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -37,11 +28,10 @@ pub struct Upstream {
     retries: u32,
     /// Until when a 429's Retry-After asks us to leave this upstream alone.
     throttled_until: Mutex<Option<Instant>>,
-    base: Url,
+    endpoints: Endpoints,
     http: reqwest::Client,
     credentials: Option<Provider>,
     timeouts: Timeouts,
-    mode: RwLock<Option<AuthMode>>,
     token_source: TokenSource,
     token_flights: SingleFlight<String, Result<HeaderValue, UpstreamError>>,
     metrics: Arc<Metrics>,
@@ -70,6 +60,13 @@ impl Upstream {
         let http = builder.build()?;
         let credentials = Provider::new(cfg, metrics.clone())
             .map_err(|e| anyhow::anyhow!("upstream {}: credentials: {e}", cfg.name))?;
+        let endpoints = Endpoints::new(&cfg.urls, &cfg.circuit);
+        for endpoint in endpoints.all() {
+            metrics
+                .upstream_url_up
+                .with_label_values(&[&name, endpoint.label()])
+                .set(1);
+        }
         let token_source = TokenSource {
             name: name.clone(),
             http: http.clone(),
@@ -85,11 +82,10 @@ impl Upstream {
             offline: cfg.offline,
             retries: cfg.retries,
             throttled_until: Mutex::new(None),
-            base: cfg.url.clone(),
+            endpoints,
             http,
             credentials,
             timeouts: cfg.timeouts.clone(),
-            mode: RwLock::new(None),
             token_source,
             token_flights: SingleFlight::new(),
             metrics,
@@ -169,8 +165,10 @@ impl Upstream {
         self.request_with(&call).await
     }
 
-    /// Send a request under `/v2/`: not at all while offline or throttled, again after a
-    /// connect error or a 5xx (up to `retries` times, with exponential backoff and jitter).
+    /// Send a request under `/v2/`: not at all while offline or throttled. Each attempt walks
+    /// the URLs in order, skipping those whose circuit is open, and moves on after a failure or
+    /// a 404 (a regional mirror may lack what the origin has); after connect errors or 5xx
+    /// everywhere it tries again, up to `retries` times, with exponential backoff and jitter.
     async fn request_with(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
@@ -186,26 +184,64 @@ impl Upstream {
         }
         let mut attempt = 0;
         loop {
-            let result = self.authenticated(call).await;
-            match result {
-                Err(err) if attempt < self.retries && worth_retrying(&err) => {
-                    attempt += 1;
-                    let wait = backoff(attempt);
-                    debug!(upstream = %self.name, path = call.path, error = %err, attempt, ?wait, "retrying");
-                    self.metrics
-                        .upstream_retries
-                        .with_label_values(&[&self.name])
-                        .inc();
-                    tokio::time::sleep(wait).await;
-                }
-                Err(err) => {
-                    if let UpstreamErrorKind::TooManyRequests { retry_after } = err.kind {
-                        self.throttle(retry_after);
-                    }
-                    return Err(err);
-                }
+            let err = match self.attempt(call).await {
                 Ok(resp) => return Ok(resp),
+                Err(err) => err,
+            };
+            if attempt < self.retries && worth_retrying(&err) {
+                attempt += 1;
+                let wait = backoff(attempt);
+                debug!(upstream = %self.name, path = call.path, error = %err, attempt, ?wait, "retrying");
+                self.metrics
+                    .upstream_retries
+                    .with_label_values(&[&self.name])
+                    .inc();
+                tokio::time::sleep(wait).await;
+                continue;
             }
+            if let UpstreamErrorKind::TooManyRequests { retry_after } = err.kind {
+                self.throttle(retry_after);
+            }
+            return Err(err);
+        }
+    }
+
+    /// One pass over the URLs: the first answer that is neither a failure of its URL nor a 404
+    /// wins; otherwise the last URL's error.
+    async fn attempt(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
+        let mut last = None;
+        for endpoint in self.endpoints.to_try() {
+            if last.is_some() {
+                self.metrics
+                    .upstream_failovers
+                    .with_label_values(&[&self.name])
+                    .inc();
+            }
+            let result = self.authenticated(call, endpoint).await;
+            let failed = result.as_ref().err().is_some_and(is_url_failure);
+            self.record_health(endpoint, !failed);
+            match result {
+                Err(err) if failed || matches!(err.kind, UpstreamErrorKind::NotFound) => {
+                    last = Some(err);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| self.error(UpstreamErrorKind::Connect("no URL".into()))))
+    }
+
+    fn record_health(&self, endpoint: &Endpoint, ok: bool) {
+        let Some(open) = endpoint.record(ok) else {
+            return;
+        };
+        self.metrics
+            .upstream_url_up
+            .with_label_values(&[&self.name, endpoint.label()])
+            .set(i64::from(!open));
+        if open {
+            warn!(upstream = %self.name, url = endpoint.label(), "URL keeps failing; skipping it for a while");
+        } else {
+            info!(upstream = %self.name, url = endpoint.label(), "URL answers again");
         }
     }
 
@@ -227,14 +263,18 @@ impl Upstream {
     }
 
     /// One request, answering one authentication challenge if there is one.
-    async fn authenticated(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
-        let mut url = self
-            .base
+    async fn authenticated(
+        &self,
+        call: &Call<'_>,
+        endpoint: &Endpoint,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut url = endpoint
+            .url
             .join(&format!("/v2/{}", call.path))
             .map_err(|e| self.error(UpstreamErrorKind::Connect(e.to_string())))?;
         url.set_query(call.query);
         let scope = pull_scope(call.name.as_str());
-        let mut authorization = self.known_authorization(&scope).await?;
+        let mut authorization = self.known_authorization(endpoint, &scope).await?;
         // Short-lived credentials may be refused when they were just fetched (revoked, rotated
         // early): such an upstream gets a second challenge answered with fresh ones.
         let mut challenges_left = match &self.credentials {
@@ -246,7 +286,10 @@ impl Upstream {
             if resp.status() == StatusCode::UNAUTHORIZED && challenges_left > 0 {
                 challenges_left -= 1;
                 let rejected = authorization.take();
-                authorization = Some(self.answer_challenge(&resp, &scope, rejected).await?);
+                authorization = Some(
+                    self.answer_challenge(endpoint, &resp, &scope, rejected)
+                        .await?,
+                );
                 continue;
             }
             return self.check_status(resp);
@@ -316,13 +359,17 @@ impl Upstream {
 
     /// An Authorization header for `scope` from what earlier challenges taught us, so most
     /// requests need one round trip.
-    async fn known_authorization(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
-        let mode = self.mode.read().expect("auth mode lock").clone();
+    async fn known_authorization(
+        &self,
+        endpoint: &Endpoint,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let mode = endpoint.mode.read().expect("auth mode lock").clone();
         match mode {
             None => Ok(None),
             Some(AuthMode::Basic) => self.basic_header().await,
             Some(AuthMode::Bearer { realm, service }) => {
-                match self.token_source.tokens.get(scope) {
+                match self.token_source.tokens.get(&token_key(&realm, scope)) {
                     Some(token) => Ok(bearer_header(&token)),
                     None => self
                         .fetch_token(&realm, service.as_deref(), scope)
@@ -336,6 +383,7 @@ impl Upstream {
     /// `rejected` is what this request sent and was refused with, if anything.
     async fn answer_challenge(
         &self,
+        endpoint: &Endpoint,
         resp: &reqwest::Response,
         scope: &str,
         rejected: Option<HeaderValue>,
@@ -363,24 +411,25 @@ impl Upstream {
                         "the upstream asks for credentials and none are configured".into(),
                     ))
                 })?;
-                *self.mode.write().expect("auth mode lock") = Some(AuthMode::Basic);
+                *endpoint.mode.write().expect("auth mode lock") = Some(AuthMode::Basic);
                 Ok(value)
             }
             Challenge::Bearer { realm, service, .. } => {
-                *self.mode.write().expect("auth mode lock") = Some(AuthMode::Bearer {
+                *endpoint.mode.write().expect("auth mode lock") = Some(AuthMode::Bearer {
                     realm: realm.clone(),
                     service: service.clone(),
                 });
                 // Another request may have fetched a token for this scope since we sent ours.
                 // Use it, unless it is the very token the upstream just refused.
+                let key = token_key(&realm, scope);
                 let cached = self
                     .token_source
                     .tokens
-                    .get(scope)
+                    .get(&key)
                     .and_then(|t| bearer_header(&t));
                 match cached {
                     Some(header) if Some(&header) != rejected.as_ref() => return Ok(header),
-                    Some(_) => self.token_source.tokens.remove(scope),
+                    Some(_) => self.token_source.tokens.remove(&key),
                     None => {}
                 }
                 self.fetch_token(&realm, service.as_deref(), scope).await
@@ -397,6 +446,7 @@ impl Upstream {
         scope: &str,
     ) -> Result<HeaderValue, UpstreamError> {
         let source = self.token_source.clone();
+        let key = token_key(realm, scope);
         let (realm, service, owned_scope) = (
             realm.to_string(),
             service.map(str::to_string),
@@ -404,7 +454,7 @@ impl Upstream {
         );
         let fetch =
             move || async move { source.fetch(&realm, service.as_deref(), &owned_scope).await };
-        self.token_flights.run(scope.to_string(), fetch).await.0
+        self.token_flights.run(key, fetch).await.0
     }
 
     /// `Basic …` with the current credentials; `None` when none are configured.
@@ -475,6 +525,12 @@ impl<'a> Call<'a> {
 /// Retry-After is honoured up to this long; beyond it, the upstream is asked again anyway.
 const MAX_THROTTLE_SECS: u64 = 3600;
 
+/// Failures that count against a URL's circuit: it did not answer, or answered with a
+/// server-side error.
+fn is_url_failure(err: &UpstreamError) -> bool {
+    worth_retrying(err) || matches!(err.kind, UpstreamErrorKind::Timeout(_))
+}
+
 /// Failures a second attempt may fix: no connection, or a server-side error.
 fn worth_retrying(err: &UpstreamError) -> bool {
     match err.kind {
@@ -489,6 +545,11 @@ fn worth_retrying(err: &UpstreamError) -> bool {
 fn backoff(attempt: u32) -> Duration {
     let cap_ms = (100u64 << attempt.min(6)).min(5_000);
     Duration::from_millis(rand::random_range(cap_ms / 2..=cap_ms))
+}
+
+/// Tokens are kept per token service and scope: URLs of one upstream may use different services.
+fn token_key(realm: &str, scope: &str) -> String {
+    format!("{realm} {scope}")
 }
 
 fn bearer_header(token: &str) -> Option<HeaderValue> {
@@ -591,7 +652,8 @@ impl TokenSource {
         debug!(upstream = %self.name, scope, ?expires_in, "fetched bearer token");
         let header = bearer_header(&token)
             .ok_or_else(|| unauthorized("token is not a valid header value".into()))?;
-        self.tokens.insert(scope, token, expires_in);
+        self.tokens
+            .insert(&token_key(realm, scope), token, expires_in);
         Ok(header)
     }
 

@@ -36,7 +36,7 @@ fn upstream_with(name: &str, reg: &Registry, credentials: &str) -> Upstream {
     Upstream {
         name: name.into(),
         url: reg.url(),
-        extra_yaml: Some(format!("    credentials:\n{indented}")),
+        extra_yaml: format!("    credentials:\n{indented}"),
         ..Default::default()
     }
 }

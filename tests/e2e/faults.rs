@@ -38,29 +38,91 @@ fn flaky_5xx_and_resets_are_retried_and_the_pull_succeeds() {
     proxy.set_mode(Mode::Reset { times: 2 });
     pull_and_check(&d, "library/flaky:v2", &img2);
 
-    let metrics = http::get(&format!("{}/metrics", d.admin_url()))
-        .unwrap()
-        .text();
-    let retries: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dockside_upstream_retries_total{upstream=\"docker.io\"} "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let retries = d
+        .metric("dockside_upstream_retries_total{upstream=\"docker.io\"}")
+        .unwrap_or(0.0);
     assert!(
-        retries >= 4,
+        retries >= 4.0,
         "two 503s and two resets were retried: {retries}"
     );
 }
 
 #[test]
-fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
+fn a_failing_first_url_is_skipped_by_its_circuit_breaker_and_used_again_once_it_recovers() {
     let reg = Registry::start(Auth::None);
-    let data = random_bytes(3101, 4 << 20);
-    let digest = reg.push_blob("library/cut", &data);
-    let proxy = FaultProxy::start(&reg, Mode::CutOnce(1 << 20));
-    let d = Dockside::start(&through(&proxy));
+    let mirror = FaultProxy::start(&reg, Mode::Honest);
+    let cfg = Config::new(vec![Upstream {
+        more_urls: vec![reg.url()],
+        extra_yaml: "    retries: 0\n    circuit: { failures: 1, cooldown: 6s }\n".into(),
+        ..through(&mirror).upstreams[0].clone()
+    }]);
+    let d = Dockside::start(&cfg);
+    let mirror_up = format!(
+        "dockside_upstream_url_up{{upstream=\"docker.io\",url=\"{}\"}}",
+        mirror.url().trim_end_matches('/')
+    );
+    assert_eq!(d.metric(&mirror_up), Some(1.0));
 
+    // The regional mirror answers 503 to everything: the first request (the manifest, before
+    // skopeo fetches blobs in parallel) moves on to the origin, and the mirror is left alone.
+    mirror.set_mode(Mode::Fail {
+        status: 503,
+        times: usize::MAX,
+        retry_after: None,
+    });
+    let img = Image::generate(3051, &[200_000, 30_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v1", &img);
+    pull_and_check(&d, "library/failover:v1", &img);
+    assert_eq!(d.metric(&mirror_up), Some(0.0), "{}", d.log());
+    let failovers = d
+        .metric("dockside_upstream_failovers_total{upstream=\"docker.io\"}")
+        .unwrap_or(0.0);
+    assert!(failovers >= 1.0, "failovers: {failovers}");
+    assert_eq!(mirror.requests().len(), 1, "skipped after its failure");
+
+    let img2 = Image::generate(3052, &[100_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v2", &img2);
+    pull_and_check(&d, "library/failover:v2", &img2);
+    assert_eq!(
+        mirror.requests().len(),
+        1,
+        "still skipped during the cooldown"
+    );
+
+    // Recovered: after the cooldown one probe reaches it, succeeds, and traffic returns.
+    mirror.set_mode(Mode::Honest);
+    std::thread::sleep(Duration::from_millis(6500));
+    let img3 = Image::generate(3053, &[100_000], Format::Oci);
+    skopeo::push(&reg, "library/failover", "v3", &img3);
+    pull_and_check(&d, "library/failover:v3", &img3);
+    assert_eq!(d.metric(&mirror_up), Some(1.0));
+    let honest = mirror
+        .requests()
+        .iter()
+        .filter(|r| r.mode == Mode::Honest)
+        .count();
+    assert!(
+        honest >= 3,
+        "the manifest and blobs of v3 came through the mirror: {:?}",
+        mirror.requests()
+    );
+}
+
+/// Fetches a 4 MiB blob through a proxy in `mode` (a fault on the first blob GET only) and
+/// checks that dockside resumed it with one Range GET from where the body stopped, served it
+/// whole and kept it. Returns how long the client waited.
+fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> Duration {
+    let reg = Registry::start(Auth::None);
+    let data = random_bytes(seed, 4 << 20);
+    let digest = reg.push_blob("library/cut", &data);
+    let proxy = FaultProxy::start(&reg, mode);
+    let mut cfg = through(&proxy);
+    cfg.upstreams[0].timeouts = Some(timeouts.into());
+    let d = Dockside::start(&cfg);
+
+    let started = Instant::now();
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
+    let waited = started.elapsed();
     assert_eq!(r.status, 200);
     assert_eq!(
         digest_of(&r.body),
@@ -83,6 +145,30 @@ fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
     assert_eq!(digest_of(&r.body), digest);
     assert_eq!(proxy.blob_gets(&digest).len(), 2);
+    waited
+}
+
+#[test]
+fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
+    resumed_once(
+        3101,
+        Mode::CutOnce(1 << 20),
+        "{ connect: 2s, first_byte: 5s, idle: 5s }",
+    );
+}
+
+#[test]
+fn a_blob_that_stalls_mid_body_is_resumed_once_the_idle_timeout_passes() {
+    let waited = resumed_once(
+        3102,
+        Mode::StallOnce(1 << 20),
+        "{ connect: 2s, first_byte: 5s, idle: 2s }",
+    );
+    // The stalled connection is given up after `idle`, not after the proxy's patience (120 s).
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+        "waited {waited:?}"
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry, count};
 use crate::support::{http, skopeo};
+use std::time::Duration;
 
 fn blob_gets(lines: &[crate::support::registry::AccessLine], repo: &str, img: &Image) -> usize {
     img.blobs()
@@ -196,4 +197,69 @@ fn admin_api_lists_and_purges_by_tag_and_digest() {
         1
     );
     assert_eq!(blob_gets(&lines, "library/admin", &img), 1);
+}
+
+/// The zero-downtime upgrade: a second `serve --upgrade` takes the listening sockets over on
+/// SIGQUIT while a client keeps pulling over fresh connections; no request fails, the old
+/// process drains and exits, and the new one serves the same cache and then holds its lock.
+#[test]
+fn upgrade_hands_the_listeners_over_without_a_failed_request() {
+    let reg = Registry::start(Auth::None);
+    let img = Image::generate(2051, &[400_000, 30_000], Format::Oci);
+    skopeo::push(&reg, "library/upgrade", "v1", &img);
+    let mut old = Dockside::start(&Config::new(vec![Upstream::hub(&reg)]));
+    pull_and_check(&old, "library/upgrade:v1", &img);
+    let blob = &img.blobs()[0];
+    let url = format!("{}/v2/library/upgrade/blobs/{}", old.url(), blob.digest);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let puller = {
+        let (stop, url, digest) = (stop.clone(), url.clone(), blob.digest.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http::get_outcome(&url) {
+                    (200, Ok(body)) if crate::support::digest_of(&body) == digest => ok += 1,
+                    (status, outcome) => failed.push(format!("{status}: {:?}", outcome.err())),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut new = old.start_upgrade();
+    old.signal(libc::SIGQUIT);
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old process exits after draining");
+    assert!(status.success(), "old process: {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = puller.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 20, "the client kept pulling throughout: {ok} pulls");
+
+    let before = reg.access_log();
+    pull_and_check(&new, "library/upgrade:v1", &img);
+    assert_eq!(
+        blob_gets(
+            &new_lines(&before, &reg.access_log()),
+            "library/upgrade",
+            &img
+        ),
+        0,
+        "the new process serves the cache the old one filled"
+    );
+    let lock = old.cache_dir().join("lock");
+    let holder = format!("{} server", new.pid());
+    crate::support::wait_for(
+        "the new process to hold the cache lock",
+        Duration::from_secs(10),
+        || (std::fs::read_to_string(&lock).ok()? == holder).then_some(()),
+    );
+    let (status, in_time) = new.stop();
+    assert!(in_time && status.success(), "new process: {status}");
 }

@@ -164,7 +164,9 @@ impl Provider {
             }),
             (None, Some(CredentialSource::Ecr(c))) => Source::Ecr(ecr::Ecr::new(c, http)),
             (None, Some(CredentialSource::Gcp(c))) => Source::Gcp(gcp::Gcp::new(c, http)?),
-            (None, Some(CredentialSource::Acr(c))) => Source::Acr(acr::Acr::new(c, &cfg.url, http)),
+            (None, Some(CredentialSource::Acr(c))) => {
+                Source::Acr(acr::Acr::new(c, &cfg.urls[0], http))
+            }
             (None, Some(CredentialSource::Helper(c))) => {
                 Source::Helper(helper::Helper::new(c, http.timeout))
             }

@@ -25,8 +25,10 @@ pub struct Upstream {
     pub timeouts: Option<String>,
     /// An extra CA (PEM file) to trust for this upstream.
     pub ca_file: Option<String>,
-    /// More keys of this entry as YAML, each line indented by 4 (e.g. a `credentials:` block).
-    pub extra_yaml: Option<String>,
+    /// More URLs after `url`: written as `urls: [url, ...]`.
+    pub more_urls: Vec<String>,
+    /// Appended to the entry as is, e.g. `    retries: 0\n`.
+    pub extra_yaml: String,
 }
 
 impl Upstream {
@@ -118,7 +120,17 @@ impl Config {
             y.insert_str(0, "offline: true\n");
         }
         for u in &self.upstreams {
-            y += &format!("  - name: {}\n    url: {}\n", q(&u.name), q(&u.url));
+            y += &format!("  - name: {}\n", q(&u.name));
+            if u.more_urls.is_empty() {
+                y += &format!("    url: {}\n", q(&u.url));
+            } else {
+                let urls: Vec<String> = std::iter::once(&u.url)
+                    .chain(&u.more_urls)
+                    .map(|url| q(url))
+                    .collect();
+                y += &format!("    urls: [{}]\n", urls.join(", "));
+            }
+            y += &u.extra_yaml;
             if !u.aliases.is_empty() {
                 let a: Vec<String> = u.aliases.iter().map(|a| q(a)).collect();
                 y += &format!("    aliases: [{}]\n", a.join(", "));
@@ -137,9 +149,6 @@ impl Config {
             }
             if let Some(v) = &u.ca_file {
                 y += &format!("    ca_file: {}\n", q(v));
-            }
-            if let Some(v) = &u.extra_yaml {
-                y += v;
             }
         }
         if let Some(d) = &self.default_upstream {
@@ -230,6 +239,15 @@ impl Dockside {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
+    /// The value of one series from `/metrics`, given as printed: name and labels.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = super::http::get(&format!("{}/metrics", self.admin_url()))
+            .expect("GET /metrics")
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     pub fn log(&self) -> String {
         self.proc.log()
     }
@@ -274,6 +292,53 @@ impl Dockside {
     pub fn crash(mut self) -> TempDir {
         self.proc.kill();
         self.dir.take().expect("dir")
+    }
+
+    /// `serve --upgrade` on this instance's config: the new process waits for the listeners,
+    /// then this one is sent SIGQUIT to hand them over. Returns the new process once it has
+    /// logged that it waits; the caller sends the SIGQUIT (see [`Dockside::signal`]).
+    pub fn start_upgrade(&self) -> Dockside {
+        let dir = self.dir.as_ref().expect("dir").path();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--upgrade", "--config"])
+            .arg(self.config_path())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::spawn(
+            "dockside --upgrade",
+            cmd,
+            &dir.join("dockside-upgrade.log"),
+            libc::SIGINT,
+            Duration::from_secs(20),
+        );
+        let waiting = dir.join("dockside-upgrade.log");
+        if let Err(log) = proc.wait_ready("dockside --upgrade waiting for listeners", || {
+            super::read_lossy(&waiting).contains("waiting up to 5 s")
+        }) {
+            panic!(
+                "dockside --upgrade exited early; log:\n{}",
+                super::tail(&log, 40)
+            );
+        }
+        Dockside {
+            port: self.port,
+            admin_port: self.admin_port,
+            proc,
+            dir: None,
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_timeout(timeout)
     }
 
     /// SIGINT, then wait (up to 20 s). Returns the status and whether it exited in time.

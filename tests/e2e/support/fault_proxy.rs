@@ -24,6 +24,9 @@ pub enum Mode {
     CutAfter(usize),
     /// `CutAfter` for the next blob GET only; then honest, Range requests included.
     CutOnce(usize),
+    /// The next blob GET sends this many body bytes, then nothing more while the connection
+    /// stays open (a slow or stuck upstream), until the client gives up; then honest.
+    StallOnce(usize),
     /// The next `times` requests of any kind are answered with `status` (and `Retry-After`
     /// when given) without reaching the registry; then honest.
     Fail {
@@ -166,7 +169,7 @@ fn take_mode(s: &Shared, blob_get: bool) -> Mode {
     let mut mode = s.mode.lock().unwrap();
     let now = *mode;
     *mode = match now {
-        Mode::CutOnce(_) if blob_get => Mode::Honest,
+        Mode::CutOnce(_) | Mode::StallOnce(_) if blob_get => Mode::Honest,
         Mode::Fail { times, .. } | Mode::Reset { times } if times <= 1 => Mode::Honest,
         Mode::Fail {
             status,
@@ -226,8 +229,11 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
     }
     let faulty_blob_get = method == "GET"
         && is_blob_path(&path)
-        && matches!(mode, Mode::Corrupt | Mode::CutAfter(_) | Mode::CutOnce(_));
-    if faulty_blob_get && !matches!(mode, Mode::CutOnce(_)) {
+        && matches!(
+            mode,
+            Mode::Corrupt | Mode::CutAfter(_) | Mode::CutOnce(_) | Mode::StallOnce(_)
+        );
+    if faulty_blob_get && !matches!(mode, Mode::CutOnce(_) | Mode::StallOnce(_)) {
         // Like a server that ignores Range: a faulty upstream answers every blob GET in full
         // (and faultily), so resuming with Range cannot get around the fault.
         req_headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range"));
@@ -270,6 +276,14 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
             to_client.flush()?;
             // Drop the connection mid-body.
             let _ = to_client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        (true, Some(_), Mode::StallOnce(n)) => {
+            std::io::copy(&mut (&mut from_upstream).take(n as u64), &mut to_client)?;
+            to_client.flush()?;
+            // Hold the connection open, sending nothing, until the client closes it.
+            let mut byte = [0u8; 1];
+            while matches!(from_client.read(&mut byte), Ok(n) if n > 0) {}
             return Ok(());
         }
         // Everything else as is; the registry closes after the answer (`Connection: close`).

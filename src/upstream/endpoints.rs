@@ -1,0 +1,246 @@
+//! An upstream's URLs (`urls:`), in order of preference, each behind a circuit breaker: a URL
+//! that fails `circuit.failures` times in a row is skipped for `circuit.cooldown`, then one
+//! request probes it; a success closes the circuit again.
+
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use url::Url;
+
+use crate::config::Circuit;
+
+/// What the upstream behind one URL asked us to authenticate with, learned from its first
+/// challenge. Kept per URL: a regional mirror may send clients to a token service of its own.
+#[derive(Clone)]
+pub enum AuthMode {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+pub struct Endpoint {
+    pub url: Url,
+    pub mode: RwLock<Option<AuthMode>>,
+    breaker: Mutex<Breaker>,
+}
+
+impl Endpoint {
+    /// The URL as shown in logs and metric labels.
+    pub fn label(&self) -> &str {
+        self.url.as_str().trim_end_matches('/')
+    }
+
+    /// Records how a request went; returns whether the circuit changed between closed and open.
+    pub fn record(&self, ok: bool) -> Option<bool> {
+        let mut breaker = self.breaker.lock().expect("breaker lock");
+        let was_open = breaker.is_open();
+        if ok {
+            breaker.succeeded();
+        } else {
+            breaker.failed(Instant::now());
+        }
+        let open = breaker.is_open();
+        (open != was_open).then_some(open)
+    }
+}
+
+pub struct Endpoints {
+    list: Vec<Endpoint>,
+}
+
+impl Endpoints {
+    pub fn new(urls: &[Url], circuit: &Circuit) -> Endpoints {
+        let list = urls
+            .iter()
+            .map(|url| Endpoint {
+                url: url.clone(),
+                mode: RwLock::new(None),
+                breaker: Mutex::new(Breaker::new(circuit)),
+            })
+            .collect();
+        Endpoints { list }
+    }
+
+    pub fn all(&self) -> &[Endpoint] {
+        &self.list
+    }
+
+    /// The URLs one attempt should try, in order: each whose circuit lets a request through,
+    /// asked lazily so that a probe is spent only on a URL actually tried. When every circuit
+    /// is open, the one that reopens first anyway: asking a URL that may have recovered beats
+    /// answering an error without asking anyone.
+    pub fn to_try(&self) -> ToTry<'_> {
+        ToTry {
+            list: &self.list,
+            next: 0,
+            admitted: false,
+        }
+    }
+}
+
+fn soonest(list: &[Endpoint]) -> Option<&Endpoint> {
+    list.iter()
+        .min_by_key(|e| e.breaker.lock().expect("breaker lock").open_until)
+}
+
+pub struct ToTry<'a> {
+    list: &'a [Endpoint],
+    next: usize,
+    admitted: bool,
+}
+
+impl<'a> Iterator for ToTry<'a> {
+    type Item = &'a Endpoint;
+
+    fn next(&mut self) -> Option<&'a Endpoint> {
+        let now = Instant::now();
+        while let Some(endpoint) = self.list.get(self.next) {
+            self.next += 1;
+            if endpoint.breaker.lock().expect("breaker lock").admit(now) {
+                self.admitted = true;
+                return Some(endpoint);
+            }
+        }
+        if self.admitted {
+            return None;
+        }
+        self.admitted = true;
+        soonest(self.list)
+    }
+}
+
+/// Consecutive failures and, once they reach the limit, until when the URL is skipped.
+#[derive(Debug)]
+struct Breaker {
+    limit: u32,
+    cooldown: Duration,
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    fn new(circuit: &Circuit) -> Breaker {
+        Breaker {
+            limit: circuit.failures,
+            cooldown: circuit.cooldown,
+            failures: 0,
+            open_until: None,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.is_some()
+    }
+
+    /// Whether a request may go to this URL now. After the cooldown one request is let
+    /// through as a probe, and the cooldown starts over so that its fellows keep away until
+    /// the probe has answered.
+    fn admit(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            None => true,
+            Some(until) if now >= until => {
+                self.open_until = Some(now + self.cooldown);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.open_until = None;
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures >= self.limit {
+            self.open_until = Some(now + self.cooldown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(limit: u32, cooldown_secs: u64) -> Breaker {
+        Breaker::new(&Circuit {
+            failures: limit,
+            cooldown: Duration::from_secs(cooldown_secs),
+        })
+    }
+
+    #[test]
+    fn opens_after_the_limit_of_failures_in_a_row() {
+        let now = Instant::now();
+        let mut b = breaker(3, 30);
+        b.failed(now);
+        b.failed(now);
+        assert!(b.admit(now), "two failures keep it closed");
+        b.succeeded();
+        b.failed(now);
+        b.failed(now);
+        assert!(b.admit(now), "a success in between starts the count over");
+        b.failed(now);
+        assert!(!b.admit(now), "the third failure in a row opens it");
+        assert!(!b.admit(now + Duration::from_secs(29)));
+    }
+
+    #[test]
+    fn lets_one_probe_through_after_the_cooldown() {
+        let now = Instant::now();
+        let mut b = breaker(1, 30);
+        b.failed(now);
+        let later = now + Duration::from_secs(30);
+        assert!(b.admit(later), "the probe");
+        assert!(!b.admit(later), "its fellows wait for it");
+        b.failed(later);
+        assert!(
+            !b.admit(later + Duration::from_secs(29)),
+            "a failed probe reopens it"
+        );
+        let after = later + Duration::from_secs(30);
+        assert!(b.admit(after));
+        b.succeeded();
+        assert!(b.admit(after) && b.admit(after), "a good probe closes it");
+    }
+
+    fn endpoints(n: usize, limit: u32) -> Endpoints {
+        let urls: Vec<Url> = (0..n)
+            .map(|i| Url::parse(&format!("http://127.0.0.1:{}/", 5000 + i)).unwrap())
+            .collect();
+        Endpoints::new(
+            &urls,
+            &Circuit {
+                failures: limit,
+                cooldown: Duration::from_secs(60),
+            },
+        )
+    }
+
+    fn ports(e: &Endpoints) -> Vec<u16> {
+        e.to_try().map(|e| e.url.port().unwrap()).collect()
+    }
+
+    #[test]
+    fn skips_open_urls_and_keeps_the_order_of_the_rest() {
+        let e = endpoints(3, 1);
+        assert_eq!(ports(&e), [5000, 5001, 5002]);
+        assert_eq!(e.all()[0].record(false), Some(true), "reports the change");
+        assert_eq!(ports(&e), [5001, 5002]);
+        assert_eq!(e.all()[2].record(false), Some(true));
+        assert_eq!(ports(&e), [5001]);
+        assert_eq!(e.all()[1].record(true), None, "no change");
+    }
+
+    #[test]
+    fn with_every_url_open_tries_the_one_that_reopens_first() {
+        let e = endpoints(2, 1);
+        e.all()[1].record(false);
+        std::thread::sleep(Duration::from_millis(5));
+        e.all()[0].record(false);
+        assert_eq!(ports(&e), [5001]);
+    }
+}
