@@ -262,7 +262,8 @@ impl Upstream {
         warn!(upstream = %self.name, ?wait, "upstream is rate limiting us; holding requests back");
     }
 
-    /// One request, answering one authentication challenge if there is one.
+    /// One request, answering one authentication challenge if there is one (two for a source of
+    /// short-lived credentials, whose fresh ones may be refused too).
     async fn authenticated(
         &self,
         call: &Call<'_>,
