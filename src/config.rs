@@ -20,6 +20,11 @@ use url::Url;
 use crate::oci::ImageRef;
 use crate::oci::route::valid_registry_host;
 
+mod credentials;
+pub use credentials::{
+    AadToken, AcrSource, CredentialSource, EcrSource, GcpSource, HelperSource, ecr_host_parts,
+};
+
 /// The configuration used when none is given; also a commented example.
 pub const DEFAULT_YAML: &str = include_str!("../config/dockside.yaml");
 
@@ -120,6 +125,8 @@ pub struct UpstreamConfig {
     /// Lowercased; unique across all names and aliases.
     pub aliases: Vec<String>,
     pub credentials: Option<Credentials>,
+    /// `credentials:`: a source of short-lived credentials (never set together with `credentials`).
+    pub credential_source: Option<CredentialSource>,
     /// Checked to be readable and to contain a PEM certificate.
     pub ca_file: Option<PathBuf>,
     /// This upstream's own tag_ttl, or `cache.tag_ttl`.
@@ -346,6 +353,7 @@ struct RawUpstream {
     password: Option<String>,
     password_file: Option<String>,
     password_env: Option<String>,
+    credentials: Option<credentials::RawCredentials>,
     ca_file: Option<String>,
     tag_ttl: Option<Scalar>,
     timeouts: Option<RawTimeouts>,
@@ -679,9 +687,11 @@ impl Check<'_> {
             Some(s) => self.duration(&format!("{key}.tag_ttl"), s)?,
             None => default_ttl,
         };
+        let urls = self.upstream_urls(key, raw)?;
         Ok(UpstreamConfig {
             name,
-            urls: self.upstream_urls(key, raw)?,
+            credential_source: self.credential_source(key, raw, &urls[0])?,
+            urls,
             circuit: self.circuit(&format!("{key}.circuit"), raw.circuit.as_ref())?,
             aliases,
             credentials: self.credentials(key, raw)?,

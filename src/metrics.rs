@@ -43,6 +43,8 @@ pub struct Metrics {
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
     pub upstream_throttled: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Fetches of short-lived upstream credentials (ECR, GCP, ACR, helpers), by result.
+    pub upstream_credential_fetches: IntCounterVec,
     /// 1 while a URL's circuit is closed, 0 while it is skipped.
     pub upstream_url_up: IntGaugeVec,
     /// Requests that moved on to an upstream's next URL.
@@ -192,6 +194,12 @@ impl Metrics {
                 "dockside_upstream_ratelimit_remaining",
                 "The upstream's last RateLimit-Remaining (Docker Hub: pulls left in the window).",
                 &["upstream"],
+            ),
+            upstream_credential_fetches: counter(
+                "dockside_upstream_credential_fetches_total",
+                "Fetches of upstream credentials from a credentials: source, by source and result \
+                 (ok, refused, unreachable).",
+                &["upstream", "source", "result"],
             ),
             upstream_url_up: gauge_vec(
                 "dockside_upstream_url_up",

@@ -42,3 +42,6 @@ mod client_auth;
 mod limits;
 #[path = "e2e/tls.rs"]
 mod tls;
+
+#[path = "e2e/credentials.rs"]
+mod credentials;

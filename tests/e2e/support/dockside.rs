@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use super::free_ports;
 use super::proc::Proc;
-use super::registry::{PASSWORD, Registry, USER, port_taken};
+use super::registry::{Registry, port_taken};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dockside");
 
@@ -38,8 +38,8 @@ impl Upstream {
         Upstream {
             name: name.to_string(),
             url: reg.url(),
-            username: auth.then(|| USER.to_string()),
-            password: auth.then(|| PASSWORD.to_string()),
+            username: auth.then(|| reg.user.clone()),
+            password: auth.then(|| reg.password.clone()),
             ..Default::default()
         }
     }
@@ -68,6 +68,8 @@ pub struct Config {
     /// `tls:` with these (cert, key) files: the listener serves HTTPS. The files are re-read
     /// every second, so reload tests need not wait long.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Environment variables for the dockside process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             pin: Vec::new(),
             extra_yaml: String::new(),
             tls: None,
+            env: Vec::new(),
         }
     }
 
@@ -203,6 +206,7 @@ impl Dockside {
             .unwrap();
             let mut cmd = Command::new(BIN);
             cmd.arg("serve").arg("--config").arg(&cfg_path);
+            cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
             cmd.env("NO_COLOR", "1").env(
                 "RUST_LOG",
                 std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into()),

@@ -4,9 +4,11 @@
 pub mod certs;
 pub mod clients;
 pub mod dockside;
+pub mod endpoint;
 pub mod fault_proxy;
 pub mod http;
 pub mod image;
+pub mod moto;
 pub mod proc;
 pub mod registry;
 pub mod serial;

@@ -37,6 +37,9 @@ pub struct Registry {
     pub ca_pem: Option<PathBuf>,
     pub auth: Auth,
     pub token: Option<TokenServer>,
+    /// The one user the registry (or its token server) accepts, and its password.
+    pub user: String,
+    pub password: String,
     proc: Proc,
     frozen: bool,
     _dir: TempDir,
@@ -44,15 +47,20 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
-        Registry::launch(auth, false)
+        Registry::launch(auth, false, USER, PASSWORD)
+    }
+
+    /// A registry that accepts `user` / `password` (htpasswd, or at its token server).
+    pub fn start_as(auth: Auth, user: &str, password: &str) -> Registry {
+        Registry::launch(auth, false, user, password)
     }
 
     /// A registry serving HTTPS with a certificate for 127.0.0.1 from a CA of its own.
     pub fn start_tls(auth: Auth) -> Registry {
-        Registry::launch(auth, true)
+        Registry::launch(auth, true, USER, PASSWORD)
     }
 
-    fn launch(auth: Auth, tls: bool) -> Registry {
+    fn launch(auth: Auth, tls: bool, user: &str, password: &str) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("e2e-upstream-")
             .tempdir()
@@ -62,7 +70,7 @@ impl Registry {
             Auth::None => (String::new(), None),
             Auth::Basic => {
                 let out = Command::new("htpasswd")
-                    .args(["-Bbn", USER, PASSWORD])
+                    .args(["-Bbn", user, password])
                     .output()
                     .expect("run htpasswd (package apache2-utils)");
                 assert!(out.status.success(), "htpasswd failed");
@@ -77,7 +85,7 @@ impl Registry {
                 )
             }
             Auth::Token => {
-                let ts = TokenServer::start(dir.path(), USER, PASSWORD);
+                let ts = TokenServer::start(dir.path(), user, password);
                 (
                     format!(
                         "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
@@ -136,6 +144,8 @@ impl Registry {
                         ca_pem,
                         auth,
                         token,
+                        user: user.to_string(),
+                        password: password.to_string(),
                         proc,
                         frozen: false,
                         _dir: dir,
@@ -168,7 +178,7 @@ impl Registry {
 
     /// `user:password` for skopeo's `--*-creds`, if this registry needs auth.
     pub fn creds(&self) -> Option<String> {
-        (self.auth != Auth::None).then(|| format!("{USER}:{PASSWORD}"))
+        (self.auth != Auth::None).then(|| format!("{}:{}", self.user, self.password))
     }
 
     pub fn log(&self) -> String {
