@@ -20,6 +20,11 @@ use url::Url;
 use crate::oci::ImageRef;
 use crate::oci::route::valid_registry_host;
 
+mod credentials;
+pub use credentials::{
+    AadToken, AcrSource, CredentialSource, EcrSource, GcpSource, HelperSource, ecr_host_parts,
+};
+
 /// The configuration used when none is given; also a commented example.
 pub const DEFAULT_YAML: &str = include_str!("../config/dockside.yaml");
 
@@ -31,6 +36,7 @@ const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 /// A sanity bound: more worker threads than this is a typo, not a plan.
 const MAX_THREADS: usize = 1024;
 const PEM_CERT_MARKER: &str = "-----BEGIN CERTIFICATE-----";
+const DEFAULT_TLS_RELOAD: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -47,6 +53,42 @@ pub struct Config {
     pub offline: bool,
     /// Who may pull through dockside; `None`: anyone who can reach it.
     pub client_auth: Option<ClientAuthConfig>,
+    /// HTTPS on every `listen` address; `None`: plain HTTP (and h2c).
+    pub tls: Option<TlsConfig>,
+    pub limits: Limits,
+}
+
+/// `tls:`. Both files were loaded and matched once during validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often both files are re-read for a rotated pair.
+    pub reload_interval: Duration,
+}
+
+/// `limits:`: what one client connection may hold. See src/limits.rs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections open at once on the registry listeners; more are closed at once.
+    pub max_connections: usize,
+    /// From the start of waiting for a request until its whole header is in.
+    pub header_timeout: Duration,
+    /// Whole seconds (pingora's keep-alive unit), at least one: an idle connection's wait.
+    pub idle_timeout: Duration,
+    /// Each write to the client must finish within this.
+    pub send_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `client_auth:` with its files and secrets read.
@@ -83,6 +125,8 @@ pub struct UpstreamConfig {
     /// Lowercased; unique across all names and aliases.
     pub aliases: Vec<String>,
     pub credentials: Option<Credentials>,
+    /// `credentials:`: a source of short-lived credentials (never set together with `credentials`).
+    pub credential_source: Option<CredentialSource>,
     /// Checked to be readable and to contain a PEM certificate.
     pub ca_file: Option<PathBuf>,
     /// This upstream's own tag_ttl, or `cache.tag_ttl`.
@@ -248,6 +292,25 @@ struct RawConfig {
     #[serde(default)]
     offline: bool,
     client_auth: Option<RawClientAuth>,
+    tls: Option<RawTls>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
+    reload_interval: Option<Scalar>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    header_timeout: Option<Scalar>,
+    idle_timeout: Option<Scalar>,
+    send_timeout: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -290,6 +353,7 @@ struct RawUpstream {
     password: Option<String>,
     password_file: Option<String>,
     password_env: Option<String>,
+    credentials: Option<credentials::RawCredentials>,
     ca_file: Option<String>,
     tag_ttl: Option<Scalar>,
     timeouts: Option<RawTimeouts>,
@@ -418,9 +482,16 @@ impl Check<'_> {
             Some(auth) => Some(self.client_auth(auth, &upstreams)?),
             None => None,
         };
+        let tls = match &raw.tls {
+            Some(tls) => Some(self.tls(tls)?),
+            None => None,
+        };
+        let limits = self.limits(raw.limits.as_ref())?;
         Ok(Config {
             offline: raw.offline,
             client_auth,
+            tls,
+            limits,
             listen,
             admin_listen,
             grace_period,
@@ -616,9 +687,11 @@ impl Check<'_> {
             Some(s) => self.duration(&format!("{key}.tag_ttl"), s)?,
             None => default_ttl,
         };
+        let urls = self.upstream_urls(key, raw)?;
         Ok(UpstreamConfig {
             name,
-            urls: self.upstream_urls(key, raw)?,
+            credential_source: self.credential_source(key, raw, &urls[0])?,
+            urls,
             circuit: self.circuit(&format!("{key}.circuit"), raw.circuit.as_ref())?,
             aliases,
             credentials: self.credentials(key, raw)?,
@@ -924,6 +997,66 @@ impl Check<'_> {
             return Err(self.invalid(key, format!("{path:?} contains no PEM certificate")));
         }
         Ok(Some(PathBuf::from(path)))
+    }
+
+    fn tls(&self, raw: &RawTls) -> Result<TlsConfig, ConfigError> {
+        let tls = TlsConfig {
+            cert_file: PathBuf::from(&raw.cert_file),
+            key_file: PathBuf::from(&raw.key_file),
+            reload_interval: self.timeout(
+                "tls.reload_interval",
+                raw.reload_interval.as_ref(),
+                DEFAULT_TLS_RELOAD,
+            )?,
+        };
+        crate::tls::load(&tls.cert_file, &tls.key_file).map_err(|e| {
+            self.invalid(
+                &format!("tls.{}", e.field),
+                format!("{:?} {}", e.path, e.problem),
+            )
+        })?;
+        Ok(tls)
+    }
+
+    fn limits(&self, raw: Option<&RawLimits>) -> Result<Limits, ConfigError> {
+        let empty = RawLimits::default();
+        let raw = raw.unwrap_or(&empty);
+        let defaults = Limits::default();
+        let max_connections = match raw.max_connections {
+            None => defaults.max_connections,
+            Some(0) => {
+                return Err(
+                    self.invalid("limits.max_connections", "0 must be greater than 0".into())
+                );
+            }
+            Some(n) => n,
+        };
+        let idle_timeout = self.timeout(
+            "limits.idle_timeout",
+            raw.idle_timeout.as_ref(),
+            defaults.idle_timeout,
+        )?;
+        if idle_timeout.subsec_nanos() != 0 {
+            let text = raw.idle_timeout.as_ref().map_or("", |s| &s.0);
+            return Err(self.invalid(
+                "limits.idle_timeout",
+                format!("{text:?} must be a whole number of seconds"),
+            ));
+        }
+        Ok(Limits {
+            max_connections,
+            header_timeout: self.timeout(
+                "limits.header_timeout",
+                raw.header_timeout.as_ref(),
+                defaults.header_timeout,
+            )?,
+            idle_timeout,
+            send_timeout: self.timeout(
+                "limits.send_timeout",
+                raw.send_timeout.as_ref(),
+                defaults.send_timeout,
+            )?,
+        })
     }
 
     fn timeouts(&self, key: &str, raw: Option<&RawTimeouts>) -> Result<Timeouts, ConfigError> {
@@ -1821,6 +1954,84 @@ upstreams:
                 "upstreams[0].ca_file: \"{path}\" contains no PEM certificate"
             )],
         );
+    }
+
+    fn tls_data(name: &str) -> String {
+        format!("{}/tests/data/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn with_tls(cert: &str, key: &str, extra: &str) -> String {
+        format!("{MINIMAL}tls:\n  cert_file: {cert}\n  key_file: {key}\n{extra}")
+    }
+
+    #[test]
+    fn tls_loads_a_matching_pair() {
+        let (cert, key) = (tls_data("a.pem"), tls_data("a.key"));
+        let c = parse(&with_tls(&cert, &key, "")).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from(&cert));
+        assert_eq!(tls.reload_interval, DEFAULT_TLS_RELOAD);
+        let c = parse(&with_tls(&cert, &key, "  reload_interval: 1m\n")).unwrap();
+        assert_eq!(c.tls.unwrap().reload_interval, Duration::from_secs(60));
+        assert_eq!(parse(MINIMAL).unwrap().tls, None);
+    }
+
+    #[test]
+    fn tls_errors_name_the_field_and_the_file() {
+        let (a_pem, a_key, b_key) = (tls_data("a.pem"), tls_data("a.key"), tls_data("b.key"));
+        let msg = err(&with_tls("/nonexistent/c.pem", &a_key, ""));
+        assert_contains(
+            &msg,
+            &["tls.cert_file: \"/nonexistent/c.pem\" cannot be read: "],
+        );
+        let msg = err(&with_tls(&a_pem, &b_key, ""));
+        let mismatch =
+            format!("tls.key_file: \"{b_key}\" does not match the certificate in \"{a_pem}\"");
+        assert_contains(&msg, &[&mismatch]);
+        let msg = err(&with_tls(&a_key, &a_key, ""));
+        assert_contains(
+            &msg,
+            &[&format!(
+                "tls.cert_file: \"{a_key}\" contains no PEM certificate"
+            )],
+        );
+        let msg = err(&with_tls(&a_pem, &a_key, "  reload_interval: 0s\n"));
+        assert_contains(
+            &msg,
+            &["tls.reload_interval: \"0s\" must be greater than 0"],
+        );
+        let msg = err(&format!("{MINIMAL}tls:\n  cert_file: {a_pem}\n"));
+        assert_contains(&msg, &["missing field `key_file`"]);
+    }
+
+    #[test]
+    fn limits_default_and_bounds() {
+        assert_eq!(parse(MINIMAL).unwrap().limits, Limits::default());
+        let c = parse(&format!(
+            "{MINIMAL}limits: {{max_connections: 10, header_timeout: 500ms, idle_timeout: 2s, send_timeout: 3s}}\n"
+        ))
+        .unwrap();
+        let want = Limits {
+            max_connections: 10,
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
+            send_timeout: Duration::from_secs(3),
+        };
+        assert_eq!(c.limits, want);
+        let msg = err(&format!("{MINIMAL}limits: {{max_connections: 0}}\n"));
+        assert_contains(&msg, &["limits.max_connections: 0 must be greater than 0"]);
+        let msg = err(&format!("{MINIMAL}limits: {{idle_timeout: 1500ms}}\n"));
+        assert_contains(
+            &msg,
+            &["limits.idle_timeout: \"1500ms\" must be a whole number of seconds"],
+        );
+        let msg = err(&format!("{MINIMAL}limits: {{send_timeout: 0s}}\n"));
+        assert_contains(
+            &msg,
+            &["limits.send_timeout: \"0s\" must be greater than 0"],
+        );
+        let msg = err(&format!("{MINIMAL}limits: {{header_size: 1}}\n"));
+        assert_contains(&msg, &["unknown field `header_size`"]);
     }
 
     #[test]

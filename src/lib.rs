@@ -14,6 +14,8 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod inventory;
+#[cfg(feature = "server")]
+pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
@@ -22,4 +24,5 @@ pub mod server;
 pub mod singleflight;
 pub mod store;
 pub mod tags;
+pub mod tls;
 pub mod upstream;

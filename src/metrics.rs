@@ -46,6 +46,8 @@ pub struct Metrics {
     /// 429s received, and requests not sent while an upstream's Retry-After runs.
     pub upstream_throttled: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Fetches of short-lived upstream credentials (ECR, GCP, ACR, helpers), by result.
+    pub upstream_credential_fetches: IntCounterVec,
     /// 1 while a URL's circuit is closed, 0 while it is skipped.
     pub upstream_url_up: IntGaugeVec,
     /// Requests that moved on to an upstream's next URL.
@@ -56,6 +58,17 @@ pub struct Metrics {
     pub fill_duration: HistogramVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
+    /// Client connections open on the registry listeners (`limits.max_connections`).
+    pub client_connections: IntGauge,
+    /// Client connections closed at once because `limits.max_connections` were open.
+    pub client_connections_refused: IntCounter,
+    /// Client connections closed by a limit, by reason (header_timeout).
+    pub client_timeouts: IntCounterVec,
+    /// Looks at changed TLS files, by result (reloaded, rejected).
+    pub tls_reloads: IntCounterVec,
+    /// notAfter of the certificate served, in Unix seconds, by `cert_file`; no series without
+    /// `tls:`. Alert on it: a rotation that keeps failing leaves the old certificate serving.
+    pub tls_certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -185,6 +198,12 @@ impl Metrics {
                 "The upstream's last RateLimit-Remaining (Docker Hub: pulls left in the window).",
                 &["upstream"],
             ),
+            upstream_credential_fetches: counter(
+                "dockside_upstream_credential_fetches_total",
+                "Fetches of upstream credentials from a credentials: source, by source and result \
+                 (ok, refused, unreachable).",
+                &["upstream", "source", "result"],
+            ),
             upstream_url_up: gauge_vec(
                 "dockside_upstream_url_up",
                 "1 while requests go to this upstream URL, 0 while its circuit breaker skips it.",
@@ -204,6 +223,29 @@ impl Metrics {
                 "dockside_store_write_errors_total",
                 "Objects served but not kept because writing them to the cache failed, by object and kind (no_space, io).",
                 &["object", "kind"],
+            ),
+            client_connections: gauge(
+                "dockside_client_connections",
+                "Client connections open on the registry listeners.",
+            ),
+            client_connections_refused: plain_counter(
+                "dockside_client_connections_refused_total",
+                "Client connections closed at once because limits.max_connections were open.",
+            ),
+            client_timeouts: counter(
+                "dockside_client_timeouts_total",
+                "Client connections closed because a limits timeout passed, by reason.",
+                &["reason"],
+            ),
+            tls_reloads: counter(
+                "dockside_tls_reloads_total",
+                "Changed TLS certificate files, by result (reloaded, rejected).",
+                &["result"],
+            ),
+            tls_certificate_expiry: gauge_vec(
+                "dockside_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served expires (notAfter), in Unix seconds.",
+                &["cert_file"],
             ),
             build_info: gauge_vec(
                 "dockside_build_info",

@@ -8,7 +8,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::http::ResponseHeader;
+use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::*;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -17,8 +19,10 @@ use tracing::{info, warn};
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::limits::{Connections, Deadlines};
 use crate::metrics::Metrics;
 use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror};
+use crate::tls::{Reload, ReloadingCert};
 
 pub struct RegistryService {
     mirror: Arc<Mirror>,
@@ -36,6 +40,7 @@ impl ProxyHttp for RegistryService {
     }
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        crate::limits::header_complete();
         let started = Instant::now();
         let request = api_request(session.req_header());
         let response = self.mirror.handle(&request).await;
@@ -51,6 +56,13 @@ impl ProxyHttp for RegistryService {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let (method, path, status) = (&request.method, &request.path, status.as_u16());
         let outcome = outcome.as_str();
+        if sent
+            .as_ref()
+            .is_err_and(|e| e.etype == ErrorType::WriteTimedout)
+        {
+            let timeouts = &self.mirror.metrics().client_timeouts;
+            timeouts.with_label_values(&["send_timeout"]).inc();
+        }
         match (&sent, error) {
             (Err(e), _) => warn!(%method, path, status, upstream, kind, outcome, error = %e,
                                  elapsed_ms, "response aborted"),
@@ -212,6 +224,11 @@ pub fn run(
         }
     };
     mirror.start_maintenance();
+    // Before bootstrap: an upgrade must fail while the old server still holds the listeners.
+    let tls = match &config.tls {
+        Some(files) => Some(ReloadingCert::load(files)?),
+        None => None,
+    };
 
     let grace = config.grace_period.as_secs().max(1);
     let mut conf = ServerConf {
@@ -237,29 +254,14 @@ pub fn run(
     }
     server.bootstrap();
 
-    let mut registry = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        RegistryService {
-            mirror: mirror.clone(),
-        },
-        "dockside registry",
-    );
-    for addr in &config.listen {
-        registry.add_tcp(addr);
-    }
-    if let Some(app) = registry.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
-    server.add_service(registry);
+    server.add_service(registry_service(&server, &config, &mirror, tls.as_ref())?);
 
     if let Some(addr) = &config.admin_listen {
         let mut admin = Service::new("dockside admin".to_string(), AdminApp::new(mirror.clone()));
         admin.add_tcp(addr);
         server.add_service(admin);
     }
-    info!(listen = ?config.listen, admin = ?config.admin_listen, cache = %config.cache.dir.display(),
+    info!(listen = ?config.listen, tls = config.tls.is_some(), admin = ?config.admin_listen, cache = %config.cache.dir.display(),
           upstreams = config.upstreams.len(), "dockside starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(MarkStopping {
@@ -270,6 +272,77 @@ pub fn run(
     mirror.save_state();
     info!("dockside stopped");
     Ok(())
+}
+
+/// The registry listeners: pingora's proxy app (answering everything in `request_filter`)
+/// inside the `limits:` layers, on plain TCP (with h2c) or TLS (with h2 by ALPN).
+fn registry_service(
+    server: &Server,
+    config: &Config,
+    mirror: &Arc<Mirror>,
+    tls: Option<&Arc<ReloadingCert>>,
+) -> anyhow::Result<Service<Connections<Deadlines<HttpProxy<RegistryService>>>>> {
+    let service = RegistryService {
+        mirror: mirror.clone(),
+    };
+    let mut proxy = pingora::proxy::http_proxy(&server.configuration, service);
+    let mut options = HttpServerOptions::default();
+    options.h2c = tls.is_none();
+    options.h2_idle_timeout = Some(config.limits.idle_timeout);
+    proxy.server_options = Some(options);
+    let metrics = mirror.metrics().clone();
+    crate::limits::warn_if_above_fd_limit(config.limits.max_connections);
+    let app = Deadlines::new(proxy, config.limits.clone(), metrics.clone());
+    let app = Connections::new(app, config.limits.max_connections, metrics.clone());
+    let mut registry = Service::new("dockside registry".to_string(), app);
+    for addr in &config.listen {
+        match tls {
+            Some(cert) => registry.add_tls_with_settings(addr, None, tls_settings(cert)?),
+            None => registry.add_tcp(addr),
+        }
+    }
+    if let Some(cert) = tls {
+        watch_certificate(cert, metrics);
+    }
+    Ok(registry)
+}
+
+/// Logs and exports the certificate in use, now and after every reload.
+fn watch_certificate(cert: &Arc<ReloadingCert>, metrics: Arc<Metrics>) {
+    let expiry = |cert: &ReloadingCert, metrics: &Metrics| {
+        if let Some(info) = cert.info() {
+            let file = cert.cert_file().display().to_string();
+            let gauge = metrics.tls_certificate_expiry.with_label_values(&[&file]);
+            gauge.set(info.not_after);
+        }
+    };
+    if let Some(info) = cert.info() {
+        info.log("serving TLS");
+    }
+    expiry(cert, &metrics);
+    let watched = cert.clone();
+    cert.watch(move |outcome| {
+        let result = match outcome {
+            Reload::Unchanged => return,
+            Reload::Reloaded => "reloaded",
+            Reload::Rejected(_) => "rejected",
+        };
+        metrics.tls_reloads.with_label_values(&[result]).inc();
+        if let Some(info) = watched.info() {
+            info.log("serving TLS");
+        }
+        expiry(&watched, &metrics);
+    });
+}
+
+/// rustls asks `cert` for the certificate on every handshake, so a reload reaches new
+/// connections; ALPN offers h2 first, then http/1.1.
+fn tls_settings(cert: &Arc<ReloadingCert>) -> anyhow::Result<TlsSettings> {
+    // No paths: with a resolver set, pingora ignores them.
+    let mut settings = TlsSettings::intermediate("", "")?;
+    settings.set_cert_resolver(cert.clone());
+    settings.enable_h2();
+    Ok(settings)
 }
 
 /// pingora aborts the process on a bind error; checking first gives an operator a clear message.

@@ -38,6 +38,13 @@ mod faults;
 mod airgap;
 #[path = "e2e/client_auth.rs"]
 mod client_auth;
+#[path = "e2e/limits.rs"]
+mod limits;
+#[path = "e2e/tls.rs"]
+mod tls;
+
+#[path = "e2e/credentials.rs"]
+mod credentials;
 
 #[path = "e2e/disk_full.rs"]
 mod disk_full;

@@ -4,16 +4,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use http::{HeaderValue, Method, StatusCode};
 use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use tracing::{debug, info, warn};
 use url::Url;
 
 use super::auth::{Challenge, TokenCache, TokenResponse, parse_challenge, pull_scope};
+use super::credentials::{Basic, CredentialError, Provider};
 use super::endpoints::{AuthMode, Endpoint, Endpoints};
 use super::{UpstreamError, UpstreamErrorKind};
-use crate::config::{Credentials, Timeouts, UpstreamConfig};
+use crate::config::{Timeouts, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::singleflight::SingleFlight;
@@ -30,7 +30,7 @@ pub struct Upstream {
     throttled_until: Mutex<Option<Instant>>,
     endpoints: Endpoints,
     http: reqwest::Client,
-    credentials: Option<Credentials>,
+    credentials: Option<Provider>,
     timeouts: Timeouts,
     token_source: TokenSource,
     token_flights: SingleFlight<String, Result<HeaderValue, UpstreamError>>,
@@ -58,6 +58,8 @@ impl Upstream {
             .any(|n| hub_names.contains(&n.to_ascii_lowercase().as_str()));
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let http = builder.build()?;
+        let credentials = Provider::new(cfg, metrics.clone())
+            .map_err(|e| anyhow::anyhow!("upstream {}: credentials: {e}", cfg.name))?;
         let endpoints = Endpoints::new(&cfg.urls, &cfg.circuit);
         for endpoint in endpoints.all() {
             metrics
@@ -68,7 +70,7 @@ impl Upstream {
         let token_source = TokenSource {
             name: name.clone(),
             http: http.clone(),
-            credentials: cfg.credentials.clone(),
+            credentials: credentials.clone(),
             first_byte: cfg.timeouts.first_byte,
             tokens: TokenCache::new(),
             metrics: metrics.clone(),
@@ -82,7 +84,7 @@ impl Upstream {
             throttled_until: Mutex::new(None),
             endpoints,
             http,
-            credentials: cfg.credentials.clone(),
+            credentials,
             timeouts: cfg.timeouts.clone(),
             token_source,
             token_flights: SingleFlight::new(),
@@ -260,7 +262,8 @@ impl Upstream {
         warn!(upstream = %self.name, ?wait, "upstream is rate limiting us; holding requests back");
     }
 
-    /// One request, answering one authentication challenge if there is one.
+    /// One request, answering one authentication challenge if there is one (two for a source of
+    /// short-lived credentials, whose fresh ones may be refused too).
     async fn authenticated(
         &self,
         call: &Call<'_>,
@@ -273,11 +276,16 @@ impl Upstream {
         url.set_query(call.query);
         let scope = pull_scope(call.name.as_str());
         let mut authorization = self.known_authorization(endpoint, &scope).await?;
-        let mut challenged = false;
+        // Short-lived credentials may be refused when they were just fetched (revoked, rotated
+        // early): such an upstream gets a second challenge answered with fresh ones.
+        let mut challenges_left = match &self.credentials {
+            Some(provider) if provider.refreshable() => 2,
+            _ => 1,
+        };
         loop {
             let resp = self.send(call, &url, authorization.as_ref()).await?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !challenged {
-                challenged = true;
+            if resp.status() == StatusCode::UNAUTHORIZED && challenges_left > 0 {
+                challenges_left -= 1;
                 let rejected = authorization.take();
                 authorization = Some(
                     self.answer_challenge(endpoint, &resp, &scope, rejected)
@@ -360,7 +368,7 @@ impl Upstream {
         let mode = endpoint.mode.read().expect("auth mode lock").clone();
         match mode {
             None => Ok(None),
-            Some(AuthMode::Basic) => Ok(self.basic_header()),
+            Some(AuthMode::Basic) => self.basic_header().await,
             Some(AuthMode::Bearer { realm, service }) => {
                 match self.token_source.tokens.get(&token_key(&realm, scope)) {
                     Some(token) => Ok(bearer_header(&token)),
@@ -394,7 +402,12 @@ impl Upstream {
             .map_err(|e| self.error(UpstreamErrorKind::Unauthorized(e.to_string())))?;
         match challenge {
             Challenge::Basic => {
-                let value = self.basic_header().ok_or_else(|| {
+                // Credentials we sent and were refused may have expired or been revoked: a
+                // source of short-lived ones is asked for new ones.
+                if let (Some(refused), Some(provider)) = (&rejected, &self.credentials) {
+                    provider.refused_header(refused);
+                }
+                let value = self.basic_header().await?.ok_or_else(|| {
                     self.error(UpstreamErrorKind::Unauthorized(
                         "the upstream asks for credentials and none are configured".into(),
                     ))
@@ -445,13 +458,16 @@ impl Upstream {
         self.token_flights.run(key, fetch).await.0
     }
 
-    fn basic_header(&self) -> Option<HeaderValue> {
-        let creds = self.credentials.as_ref()?;
-        let raw = format!("{}:{}", creds.username, creds.password.expose());
-        let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
-        let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
-        value.set_sensitive(true);
-        Some(value)
+    /// `Basic …` with the current credentials; `None` when none are configured.
+    async fn basic_header(&self) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(provider) = &self.credentials else {
+            return Ok(None);
+        };
+        let basic = provider
+            .current()
+            .await
+            .map_err(|e| credential_error(&self.name, e))?;
+        Ok(basic.header())
     }
 
     fn check_status(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
@@ -570,12 +586,23 @@ pub fn body_error(upstream: &Arc<str>, err: &reqwest::Error) -> UpstreamError {
     UpstreamError::new(upstream, kind)
 }
 
+/// Credentials that could not be had: transient (the endpoint is down) like a connect error, so
+/// stale content may be served; otherwise an authentication failure.
+fn credential_error(upstream: &Arc<str>, err: CredentialError) -> UpstreamError {
+    let kind = if err.transient {
+        UpstreamErrorKind::Connect(format!("fetching credentials: {err}"))
+    } else {
+        UpstreamErrorKind::Unauthorized(format!("fetching credentials: {err}"))
+    };
+    UpstreamError::new(upstream, kind)
+}
+
 /// What the token flow needs, owned, so a token fetch can run as a task of its own.
 #[derive(Clone)]
 struct TokenSource {
     name: Arc<str>,
     http: reqwest::Client,
-    credentials: Option<Credentials>,
+    credentials: Option<Provider>,
     first_byte: Duration,
     tokens: TokenCache,
     metrics: Arc<Metrics>,
@@ -600,23 +627,16 @@ impl TokenSource {
             }
             query.append_pair("scope", scope);
         }
-        let mut req = self.http.get(url.clone());
-        if let Some(creds) = &self.credentials {
-            req = req.basic_auth(&creds.username, Some(creds.password.expose()));
+        let basic = self.basic().await?;
+        let mut resp = self.ask(&url, realm, basic.as_ref()).await?;
+        // Refused credentials from a source of short-lived ones: one more try with fresh ones.
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let (Some(provider), Some(refused)) = (&self.credentials, &basic)
+            && provider.refused(refused)
+        {
+            let fresh = self.basic().await?;
+            resp = self.ask(&url, realm, fresh.as_ref()).await?;
         }
-        let resp = tokio::time::timeout(self.first_byte, req.send())
-            .await
-            .map_err(|_| {
-                UpstreamError::new(
-                    &self.name,
-                    UpstreamErrorKind::Timeout(format!("fetching a token from {realm}")),
-                )
-            })?
-            .map_err(|e| UpstreamError::new(&self.name, classify(&e)))?;
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[&self.name, "TOKEN", resp.status().as_str()])
-            .inc();
         if !resp.status().is_success() {
             return Err(unauthorized(format!(
                 "token endpoint {realm} answered {}",
@@ -636,5 +656,43 @@ impl TokenSource {
         self.tokens
             .insert(&token_key(realm, scope), token, expires_in);
         Ok(header)
+    }
+
+    async fn basic(&self) -> Result<Option<Basic>, UpstreamError> {
+        match &self.credentials {
+            None => Ok(None),
+            Some(provider) => provider
+                .current()
+                .await
+                .map(Some)
+                .map_err(|e| credential_error(&self.name, e)),
+        }
+    }
+
+    /// One GET of the token endpoint, with Basic credentials when there are any.
+    async fn ask(
+        &self,
+        url: &Url,
+        realm: &str,
+        basic: Option<&Basic>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut req = self.http.get(url.clone());
+        if let Some(value) = basic.and_then(Basic::header) {
+            req = req.header(AUTHORIZATION, value);
+        }
+        let resp = tokio::time::timeout(self.first_byte, req.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::new(
+                    &self.name,
+                    UpstreamErrorKind::Timeout(format!("fetching a token from {realm}")),
+                )
+            })?
+            .map_err(|e| UpstreamError::new(&self.name, classify(&e)))?;
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, "TOKEN", resp.status().as_str()])
+            .inc();
+        Ok(resp)
     }
 }

@@ -10,7 +10,7 @@ use crate::support::{skopeo, token};
 
 /// Pulls `reference` (`repo:tag`) through `d` into a fresh OCI layout and checks it against
 /// `img` (the manifest itself only when skopeo needs no conversion, i.e. for OCI images).
-fn pull_oci_and_check(d: &Dockside, reference: &str, img: &Image) {
+pub(crate) fn pull_oci_and_check(d: &Dockside, reference: &str, img: &Image) {
     let out = tempfile::tempdir().unwrap();
     skopeo::pull(
         &format!("{}/{reference}", d.host()),

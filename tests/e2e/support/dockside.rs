@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use super::free_ports;
 use super::proc::Proc;
-use super::registry::{PASSWORD, Registry, USER, port_taken};
+use super::registry::{Registry, port_taken};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dockside");
 
@@ -38,8 +38,8 @@ impl Upstream {
         Upstream {
             name: name.to_string(),
             url: reg.url(),
-            username: auth.then(|| USER.to_string()),
-            password: auth.then(|| PASSWORD.to_string()),
+            username: auth.then(|| reg.user.clone()),
+            password: auth.then(|| reg.password.clone()),
             ..Default::default()
         }
     }
@@ -65,6 +65,11 @@ pub struct Config {
     pub pin: Vec<String>,
     /// Appended as is: top-level keys the fields above do not cover (e.g. `client_auth:`).
     pub extra_yaml: String,
+    /// `tls:` with these (cert, key) files: the listener serves HTTPS. The files are re-read
+    /// every second, so reload tests need not wait long.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Environment variables for the dockside process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -78,6 +83,8 @@ impl Config {
             offline: false,
             pin: Vec::new(),
             extra_yaml: String::new(),
+            tls: None,
+            env: Vec::new(),
         }
     }
 
@@ -151,11 +158,21 @@ impl Config {
         if let Some(d) = &self.default_upstream {
             y += &format!("default_upstream: {}\n", q(d));
         }
+        if let Some((cert, key)) = &self.tls {
+            let (cert, key) = (cert.display().to_string(), key.display().to_string());
+            y += &format!(
+                "tls:\n  cert_file: {}\n  key_file: {}\n  reload_interval: 1s\n",
+                q(&cert),
+                q(&key)
+            );
+        }
         y + &self.extra_yaml
     }
 }
 
 pub struct Dockside {
+    /// `http` or `https` (with `tls`).
+    scheme: &'static str,
     pub port: u16,
     pub admin_port: u16,
     proc: Proc,
@@ -189,6 +206,7 @@ impl Dockside {
             .unwrap();
             let mut cmd = Command::new(BIN);
             cmd.arg("serve").arg("--config").arg(&cfg_path);
+            cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
             cmd.env("NO_COLOR", "1").env(
                 "RUST_LOG",
                 std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into()),
@@ -201,7 +219,8 @@ impl Dockside {
                 Duration::from_secs(20),
             );
             let health = format!("http://127.0.0.1:{admin_port}/healthz");
-            let v2 = format!("http://127.0.0.1:{port}/v2/");
+            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+            let v2 = format!("{scheme}://127.0.0.1:{port}/v2/");
             let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
             // 401 too: with client_auth, /v2/ asks for credentials.
             let answers =
@@ -209,6 +228,7 @@ impl Dockside {
             match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && answers(&v2)) {
                 Ok(()) => {
                     return Dockside {
+                        scheme,
                         port,
                         admin_port,
                         proc,
@@ -228,7 +248,12 @@ impl Dockside {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        format!("{}://{}", self.scheme, self.host())
+    }
+
+    /// Panics (with the log tail) if the process has exited.
+    pub fn assert_running(&mut self) {
+        self.proc.assert_running();
     }
 
     pub fn admin_url(&self) -> String {
@@ -317,6 +342,7 @@ impl Dockside {
             );
         }
         Dockside {
+            scheme: self.scheme,
             port: self.port,
             admin_port: self.admin_port,
             proc,

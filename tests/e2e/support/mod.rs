@@ -1,11 +1,14 @@
 //! Shared harness for the end-to-end tests: processes, the upstream registry, a token server,
 //! deterministic test images, the dockside binary and the real clients.
 
+pub mod certs;
 pub mod clients;
 pub mod dockside;
+pub mod endpoint;
 pub mod fault_proxy;
 pub mod http;
 pub mod image;
+pub mod moto;
 pub mod proc;
 pub mod registry;
 pub mod serial;

@@ -1,11 +1,12 @@
 //! Debian's docker-registry (CNCF distribution 2.8) as the upstream, with its access log.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use super::certs::Ca;
 use super::proc::Proc;
 use super::token::{self, TokenServer};
 use super::{free_port, wait_for};
@@ -36,6 +37,9 @@ pub struct Registry {
     pub ca_pem: Option<PathBuf>,
     pub auth: Auth,
     pub token: Option<TokenServer>,
+    /// The one user the registry (or its token server) accepts, and its password.
+    pub user: String,
+    pub password: String,
     proc: Proc,
     frozen: bool,
     _dir: TempDir,
@@ -43,15 +47,20 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
-        Registry::launch(auth, false)
+        Registry::launch(auth, false, USER, PASSWORD)
+    }
+
+    /// A registry that accepts `user` / `password` (htpasswd, or at its token server).
+    pub fn start_as(auth: Auth, user: &str, password: &str) -> Registry {
+        Registry::launch(auth, false, user, password)
     }
 
     /// A registry serving HTTPS with a certificate for 127.0.0.1 from a CA of its own.
     pub fn start_tls(auth: Auth) -> Registry {
-        Registry::launch(auth, true)
+        Registry::launch(auth, true, USER, PASSWORD)
     }
 
-    fn launch(auth: Auth, tls: bool) -> Registry {
+    fn launch(auth: Auth, tls: bool, user: &str, password: &str) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("e2e-upstream-")
             .tempdir()
@@ -61,7 +70,7 @@ impl Registry {
             Auth::None => (String::new(), None),
             Auth::Basic => {
                 let out = Command::new("htpasswd")
-                    .args(["-Bbn", USER, PASSWORD])
+                    .args(["-Bbn", user, password])
                     .output()
                     .expect("run htpasswd (package apache2-utils)");
                 assert!(out.status.success(), "htpasswd failed");
@@ -76,7 +85,7 @@ impl Registry {
                 )
             }
             Auth::Token => {
-                let ts = TokenServer::start(dir.path(), USER, PASSWORD);
+                let ts = TokenServer::start(dir.path(), user, password);
                 (
                     format!(
                         "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
@@ -90,14 +99,15 @@ impl Registry {
             }
         };
         let (tls_yaml, ca_pem) = if tls {
-            let files = make_tls_files(dir.path());
+            let ca = Ca::new(dir.path());
+            let (cert, key) = ca.issue("server", "127.0.0.1");
             (
                 format!(
                     "  tls:\n    certificate: {}\n    key: {}\n",
-                    files.cert.display(),
-                    files.key.display()
+                    cert.display(),
+                    key.display()
                 ),
-                Some(files.ca),
+                Some(ca.pem),
             )
         } else {
             (String::new(), None)
@@ -134,6 +144,8 @@ impl Registry {
                         ca_pem,
                         auth,
                         token,
+                        user: user.to_string(),
+                        password: password.to_string(),
                         proc,
                         frozen: false,
                         _dir: dir,
@@ -166,7 +178,7 @@ impl Registry {
 
     /// `user:password` for skopeo's `--*-creds`, if this registry needs auth.
     pub fn creds(&self) -> Option<String> {
-        (self.auth != Auth::None).then(|| format!("{USER}:{PASSWORD}"))
+        (self.auth != Auth::None).then(|| format!("{}:{}", self.user, self.password))
     }
 
     pub fn log(&self) -> String {
@@ -289,92 +301,5 @@ impl Drop for Registry {
                 super::tail(&self.log(), 25)
             );
         }
-    }
-}
-
-struct TlsFiles {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl CLI).
-fn make_tls_files(dir: &Path) -> TlsFiles {
-    let path = |name: &str| dir.join(name);
-    let ext = path("server.ext");
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let days = ["-days", "2"];
-    openssl(
-        &[
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-subj",
-                "/CN=dockside e2e CA",
-            ][..],
-            &days,
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(
-        &[
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-extfile",
-                "server.ext",
-            ][..],
-            &days,
-        ]
-        .concat(),
-    );
-    TlsFiles {
-        ca: path("ca.pem"),
-        cert: path("server.pem"),
-        key: path("server.key"),
     }
 }

@@ -5,8 +5,7 @@
 //! Tokens are RS256 JWTs signed by the `openssl` CLI with a fresh self-signed key whose
 //! certificate rides in the JWT header's `x5c` and is the registry's `rootcertbundle`.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -109,28 +108,12 @@ impl TokenServer {
 }
 
 fn handle(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body)?;
+    let super::endpoint::Request {
+        method,
+        target,
+        headers,
+        body,
+    } = super::endpoint::read_request(&conn)?;
 
     let url = url::Url::parse(&format!("http://x{target}")).expect("request target");
     let mut params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
