@@ -34,13 +34,14 @@ impl AdminApp {
         }
     }
 
-    fn ready(&self) -> Result<(), String> {
+    async fn ready(&self) -> Result<(), String> {
         if self.mirror.is_stopping() {
             return Err("shutting down".into());
         }
-        let probe = self.mirror.store().tmp_probe_path();
-        std::fs::write(&probe, b"ready")
-            .and_then(|()| std::fs::remove_file(&probe))
+        let store = self.mirror.store();
+        store
+            .ready()
+            .await
             .map_err(|e| format!("cache directory is not writable: {e}"))
     }
 }
@@ -69,7 +70,7 @@ impl ServeHttp for AdminApp {
                 self.mirror.metrics().render(),
             ),
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            "/readyz" => match self.ready() {
+            "/readyz" => match self.ready().await {
                 Ok(()) => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
                 Err(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -225,12 +226,12 @@ impl AdminApp {
 
     async fn repositories(&self) -> ApiAnswer {
         let mirror = self.mirror.clone();
-        let listed = tokio::task::spawn_blocking(move || {
-            inventory::repositories(mirror.store(), mirror.tags())
-        })
-        .await;
+        let listed = tokio::task::spawn_blocking(move || mirror.tags().list()).await;
         match listed {
-            Ok(repos) => json(StatusCode::OK, &repos),
+            Ok(saved) => {
+                let repos = inventory::repositories(self.mirror.store().as_ref(), saved).await;
+                json(StatusCode::OK, &repos)
+            }
             Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         }
     }
@@ -276,8 +277,8 @@ mod tests {
     use crate::config::Config;
     use crate::metrics::Metrics;
 
-    #[test]
-    fn not_ready_once_shutdown_has_begun() {
+    #[tokio::test]
+    async fn not_ready_once_shutdown_has_begun() {
         let dir = tempfile::tempdir().unwrap();
         let yaml = format!(
             "listen: 127.0.0.1:0\ncache: {{ dir: {:?}, max_size: 1MiB }}\n\
@@ -286,8 +287,8 @@ mod tests {
         );
         let config = Config::from_yaml(&yaml, "test").unwrap();
         let app = AdminApp::new(Mirror::new(&config, Arc::new(Metrics::new())).unwrap());
-        assert_eq!(app.ready(), Ok(()));
+        assert_eq!(app.ready().await, Ok(()));
         app.mirror.set_stopping();
-        assert_eq!(app.ready(), Err("shutting down".to_string()));
+        assert_eq!(app.ready().await, Err("shutting down".to_string()));
     }
 }

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use http::StatusCode;
 
+use crate::fill::FillError;
 use crate::oci::{Digest, RouteError};
+use crate::store::StoreError;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 /// Everything a registry request can fail with, as the client will see it.
@@ -147,6 +149,24 @@ impl ApiError {
         )
     }
 
+    /// A fill that failed, for its readers: an origin's failure as an upstream's, a mismatch
+    /// as `DIGEST_INVALID`, the cache's own failure as an internal error.
+    pub fn from_fill(err: &FillError, not_found: ApiError) -> ApiError {
+        match err {
+            FillError::Origin(e) => ApiError::from_upstream(&e.as_upstream(), not_found),
+            FillError::DigestMismatch {
+                origin,
+                expected,
+                actual,
+            } => ApiError::DigestMismatch {
+                upstream: origin.name.to_string(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            },
+            FillError::Cache(_) => ApiError::Internal(err.to_string()),
+        }
+    }
+
     pub fn from_upstream(err: &UpstreamError, not_found: ApiError) -> ApiError {
         let upstream = err.upstream.to_string();
         let message = err.kind.to_string();
@@ -179,6 +199,13 @@ impl ApiError {
                 reason: message,
             },
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    /// The cache failed a request (not an upstream): 500, with the cause for the log.
+    fn from(err: StoreError) -> Self {
+        ApiError::Internal(format!("cache: {err}"))
     }
 }
 

@@ -3,21 +3,22 @@
 //! images, and by the tools that export and report on the cache.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::Read;
 
 use crate::mirror::MANIFEST_LIMIT;
 use crate::oci::manifest::{self, Platform};
 use crate::oci::{Digest, Reference, RepoName};
-use crate::store::DiskStore;
+use crate::store::BlobStore;
 use crate::tags::{SavedTag, TagCache};
 
 /// A manifest's bytes from the store, if it is there and no bigger than a manifest may be.
-/// Blocking.
-pub fn read_manifest(store: &DiskStore, digest: &Digest) -> Option<Vec<u8>> {
-    let file = std::fs::File::open(store.path_of(digest)).ok()?;
-    let mut body = Vec::new();
-    file.take(MANIFEST_LIMIT + 1).read_to_end(&mut body).ok()?;
-    (body.len() as u64 <= MANIFEST_LIMIT).then_some(body)
+/// Reading it does not count as a use for eviction.
+pub async fn read_manifest(store: &dyn BlobStore, digest: &Digest) -> Option<bytes::Bytes> {
+    // Looked up first: only objects small enough to be manifests are opened.
+    let len = store.stat(digest).await.ok()??;
+    if len > MANIFEST_LIMIT {
+        return None;
+    }
+    store.read_small(digest, MANIFEST_LIMIT).await.ok()?
 }
 
 /// Every object an image needs, as far as the cache can tell.
@@ -37,9 +38,8 @@ impl Closure {
 
 /// Walk from `roots` (manifests or indexes) through the cache. With `platforms`, an index
 /// contributes only the children for those platforms (and children without a platform).
-/// Blocking.
-pub fn closure(
-    store: &DiskStore,
+pub async fn closure(
+    store: &dyn BlobStore,
     roots: impl IntoIterator<Item = Digest>,
     platforms: Option<&[Platform]>,
 ) -> Closure {
@@ -50,7 +50,7 @@ pub fn closure(
         if !seen.insert(digest.clone()) {
             continue;
         }
-        let Some(body) = read_manifest(store, &digest) else {
+        let Some(body) = read_manifest(store, &digest).await else {
             out.missing.insert(digest);
             continue;
         };
@@ -111,9 +111,9 @@ pub struct TagReport {
     pub digests: Vec<String>,
 }
 
-/// Every repository with a saved tag answer, with its tags and cached size. Blocking.
-pub fn repositories(store: &DiskStore, tags: &TagCache) -> Vec<RepositoryReport> {
-    let saved = tags.list();
+/// Every repository with a saved tag answer (`saved`, from the tag cache's list), with its tags
+/// and cached size.
+pub async fn repositories(store: &dyn BlobStore, saved: Vec<SavedTag>) -> Vec<RepositoryReport> {
     let mut reports: Vec<RepositoryReport> = Vec::new();
     for group in saved.chunk_by(|a, b| (&a.upstream, &a.name) == (&b.upstream, &b.name)) {
         let mut tag_reports: Vec<TagReport> = Vec::new();
@@ -127,10 +127,10 @@ pub fn repositories(store: &DiskStore, tags: &TagCache) -> Vec<RepositoryReport>
             });
         }
         let roots = group.iter().map(|t| t.digest.clone());
-        let bytes = closure(store, roots, None)
-            .all()
-            .filter_map(|d| crate::store::BlobStore::size_of(store, d))
-            .sum();
+        let mut bytes = 0;
+        for digest in closure(store, roots, None).await.all() {
+            bytes += store.stat(digest).await.ok().flatten().unwrap_or(0);
+        }
         reports.push(RepositoryReport {
             upstream: group[0].upstream.to_string(),
             repository: group[0].name.to_string(),
@@ -142,15 +142,15 @@ pub fn repositories(store: &DiskStore, tags: &TagCache) -> Vec<RepositoryReport>
 }
 
 /// The objects only `selected` tag answers lead to: their closure less everything any other
-/// saved answer still needs. Blocking.
-pub fn exclusive_objects(
-    store: &DiskStore,
+/// saved answer still needs.
+pub async fn exclusive_objects(
+    store: &dyn BlobStore,
     all: &[SavedTag],
     selected: impl Fn(&SavedTag) -> bool,
 ) -> BTreeSet<Digest> {
     let (chosen, rest): (Vec<&SavedTag>, Vec<&SavedTag>) = all.iter().partition(|t| selected(t));
-    let doomed = closure(store, chosen.iter().map(|t| t.digest.clone()), None);
-    let kept = closure(store, rest.iter().map(|t| t.digest.clone()), None);
+    let doomed = closure(store, chosen.iter().map(|t| t.digest.clone()), None).await;
+    let kept = closure(store, rest.iter().map(|t| t.digest.clone()), None).await;
     let kept: HashSet<&Digest> = kept.all().collect();
     doomed
         .all()

@@ -8,6 +8,9 @@ use prometheus::{
 
 use crate::store::{StoreError, Usage};
 
+/// The origin kind whose metrics also go to the `upstream`-labelled series.
+const UPSTREAM: &str = "upstream";
+
 pub struct Metrics {
     registry: Registry,
     /// Requests answered, by upstream, kind (manifest, blob, tag, tags_list, referrers) and
@@ -19,6 +22,10 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Bytes received from upstreams into fills, by upstream.
     pub upstream_bytes: IntCounterVec,
+    /// Bytes received into fills, by origin kind (upstream, …) and origin name.
+    pub origin_bytes: IntCounterVec,
+    /// Fills that ended, by origin kind, origin name and outcome (verified, failed).
+    pub origin_fills: IntCounterVec,
     /// Fills currently running.
     pub fills_in_flight: IntGauge,
     /// Requests that joined a fill another request started.
@@ -142,6 +149,16 @@ impl Metrics {
                 "dockside_upstream_received_bytes_total",
                 "Blob bytes received from upstream registries.",
                 &["upstream"],
+            ),
+            origin_bytes: counter(
+                "dockside_origin_received_bytes_total",
+                "Blob bytes received into fills, by origin kind and name.",
+                &["kind", "origin"],
+            ),
+            origin_fills: counter(
+                "dockside_origin_fills_total",
+                "Blob fills that ended, by origin kind and name and outcome.",
+                &["kind", "origin", "outcome"],
             ),
             fills_in_flight: gauge(
                 "dockside_fills_in_flight",
@@ -272,11 +289,41 @@ impl Metrics {
             {
                 "no_space"
             }
+            StoreError::NoRoom { .. } | StoreError::TooLarge { .. } => "no_room",
             _ => "io",
         };
         self.store_write_errors
             .with_label_values(&[object, kind])
             .inc();
+    }
+
+    /// A fill from an origin (`kind`, `name`) ended. The upstream-labelled series go on for
+    /// upstream origins, as before origins had kinds.
+    pub fn fill_finished(&self, kind: &str, name: &str, outcome: &str, took: std::time::Duration) {
+        self.origin_fills
+            .with_label_values(&[kind, name, outcome])
+            .inc();
+        if kind == UPSTREAM {
+            self.fill_duration
+                .with_label_values(&[name, outcome])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn origin_received(&self, kind: &str, name: &str, bytes: u64) {
+        self.origin_bytes
+            .with_label_values(&[kind, name])
+            .inc_by(bytes);
+        if kind == UPSTREAM {
+            self.upstream_bytes.with_label_values(&[name]).inc_by(bytes);
+        }
+    }
+
+    /// Per-origin events that have an upstream-labelled counter: only upstream origins count.
+    pub fn upstream_event(&self, counter: &IntCounterVec, kind: &str, name: &str) {
+        if kind == UPSTREAM {
+            counter.with_label_values(&[name]).inc();
+        }
     }
 
     /// Record the store's usage: (bytes, objects).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use moka::sync::Cache;
 use tracing::{debug, warn};
@@ -16,14 +16,16 @@ use tracing::{debug, warn};
 use crate::client_auth::ClientAuth;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::fill::{BlobBody, BlobSource, Fills, content_length, wait_started};
+use crate::fill::{BlobBody, BlobSource, Fills, wait_started};
 use crate::inventory;
 use crate::metrics::Metrics;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::route::{self, Route, Target};
 use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::origin::UpstreamOrigin;
+use crate::origin::upstream::content_length;
 use crate::singleflight::SingleFlight;
-use crate::store::{BlobStore, DiskStore};
+use crate::store::{BlobStore, Budget, DiskStore, Storage};
 use crate::tags::{SavedTag, TagCache, TagEntry, TagKey};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
 
@@ -139,7 +141,8 @@ type ManifestResult = Result<(Arc<Manifest>, Outcome), ApiError>;
 
 pub struct Mirror {
     upstreams: Upstreams,
-    store: Arc<DiskStore>,
+    store: Arc<dyn BlobStore>,
+    budget: Arc<dyn Budget>,
     fills: Fills,
     tags: TagCache,
     manifests: Cache<Digest, Arc<Manifest>>,
@@ -173,6 +176,23 @@ pub struct PurgeReport {
     pub bytes: u64,
 }
 
+/// Run `work` to its end on a runtime of its own, on a thread of its own: for callers outside
+/// any runtime (start, the maintenance thread) and inside one alike.
+fn on_own_runtime<F: std::future::Future<Output = ()> + Send>(work: F) {
+    std::thread::scope(|scope| {
+        let ran = scope.spawn(|| {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(work),
+                Err(e) => warn!(error = %e, "could not start a runtime for cache maintenance"),
+            }
+        });
+        let _ = ran.join();
+    });
+}
+
 /// How often the eviction order is saved and pins are looked up again.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
 
@@ -196,8 +216,22 @@ impl Mirror {
         open_store: fn(&Path, u64) -> std::io::Result<DiskStore>,
     ) -> anyhow::Result<Arc<Mirror>> {
         let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
-        let store =
-            Arc::new(open_store(&config.cache.dir, config.cache.max_size).map_err(cache_error)?);
+        let store = open_store(&config.cache.dir, config.cache.max_size).map_err(cache_error)?;
+        Mirror::with_storage(config, metrics, Storage::of(Arc::new(store)))
+    }
+
+    /// A mirror over any store (the in-process tests run one in memory). Tags are still kept
+    /// under `cache.dir`.
+    pub fn with_storage(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
+        let Storage {
+            blobs: store,
+            budget,
+        } = storage;
         let upstreams = Upstreams::new(config, metrics.clone())?;
         let mut pins = Vec::new();
         for image in &config.cache.pin {
@@ -211,8 +245,9 @@ impl Mirror {
             pins,
             stopping: Default::default(),
             client_auth: config.client_auth.as_ref().map(ClientAuth::new),
-            fills: Fills::new(store.clone(), metrics.clone()),
+            fills: Fills::new(store.clone(), budget.clone(), metrics.clone()),
             store,
+            budget,
             tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
             manifests: Cache::builder()
                 .max_capacity(MEMORY_MANIFESTS)
@@ -222,9 +257,10 @@ impl Mirror {
             tag_flights: SingleFlight::new(),
             metrics,
         };
-        mirror.refresh_pins();
-        mirror.metrics.record_usage(mirror.store.usage());
-        Ok(Arc::new(mirror))
+        let mirror = Arc::new(mirror);
+        on_own_runtime(mirror.refresh_pins());
+        mirror.metrics.record_usage(mirror.budget.usage());
+        Ok(mirror)
     }
 
     pub fn set_stopping(&self) {
@@ -255,20 +291,17 @@ impl Mirror {
                 tag,
             } => {
                 let this = self.clone();
-                let (up, n, t) = (upstream.clone(), name.clone(), tag.clone());
-                let (doomed, tags) = tokio::task::spawn_blocking(move || {
-                    let all = this.tags.list();
-                    let matches = |s: &SavedTag| {
-                        *s.upstream == *up && s.name == n && t.as_ref().is_none_or(|t| s.tag == *t)
-                    };
-                    let doomed = inventory::exclusive_objects(&this.store, &all, matches);
-                    let mut tags: Vec<Tag> =
-                        all.into_iter().filter(matches).map(|s| s.tag).collect();
-                    tags.dedup();
-                    (doomed, tags)
-                })
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                let all = tokio::task::spawn_blocking(move || this.tags.list())
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                let matches = |s: &SavedTag| {
+                    s.upstream == upstream
+                        && s.name == name
+                        && tag.as_ref().is_none_or(|t| s.tag == *t)
+                };
+                let doomed = inventory::exclusive_objects(self.store.as_ref(), &all, matches).await;
+                let mut tags: Vec<Tag> = all.into_iter().filter(matches).map(|s| s.tag).collect();
+                tags.dedup();
                 for tag in &tags {
                     self.tags.remove_tag(&upstream, &name, tag);
                 }
@@ -287,23 +320,23 @@ impl Mirror {
                 report.bytes += len;
             }
         }
-        self.metrics.record_usage(self.store.usage());
+        self.metrics.record_usage(self.budget.usage());
         Ok(report)
     }
 
     /// Find every object of the pinned images in the cache and protect it from eviction.
-    /// Blocking (reads manifests from disk).
-    pub fn refresh_pins(&self) {
+    pub async fn refresh_pins(&self) {
         if self.pins.is_empty() {
             return;
         }
         let mut pinned = HashSet::new();
         for (upstream, name, reference) in &self.pins {
             let roots = inventory::roots(&self.tags, upstream, name, reference);
-            pinned.extend(inventory::closure(&self.store, roots, None).all().cloned());
+            let closure = inventory::closure(self.store.as_ref(), roots, None).await;
+            pinned.extend(closure.all().cloned());
         }
-        self.store.set_pins(pinned);
-        self.metrics.record_usage(self.store.usage());
+        self.budget.set_pins(pinned);
+        self.metrics.record_usage(self.budget.usage());
     }
 
     /// A manifest of a pinned repository arrived: look the pins up again, so its blobs are
@@ -311,13 +344,13 @@ impl Mirror {
     fn watch_pins(self: &Arc<Self>, upstream: &Arc<str>, name: &RepoName) {
         if self.pins.iter().any(|(u, n, _)| u == upstream && n == name) {
             let this = self.clone();
-            tokio::task::spawn_blocking(move || this.refresh_pins());
+            tokio::spawn(async move { this.refresh_pins().await });
         }
     }
 
     /// Save what must outlive the process: the eviction order. Blocking.
     pub fn save_state(&self) {
-        match self.store.save_order() {
+        match self.budget.save() {
             Ok(true) => debug!("eviction order saved"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "could not save the eviction order"),
@@ -336,7 +369,7 @@ impl Mirror {
                     let Some(mirror) = mirror.upgrade() else {
                         return;
                     };
-                    mirror.refresh_pins();
+                    on_own_runtime(mirror.refresh_pins());
                     mirror.save_state();
                 }
             });
@@ -349,8 +382,16 @@ impl Mirror {
         &self.metrics
     }
 
-    pub fn store(&self) -> &Arc<DiskStore> {
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
         &self.store
+    }
+
+    pub fn fills(&self) -> &Fills {
+        &self.fills
+    }
+
+    pub fn budget(&self) -> &Arc<dyn Budget> {
+        &self.budget
     }
 
     /// Answer one registry request from a client (authenticated when `client_auth` is set).
@@ -493,28 +534,24 @@ impl Mirror {
     /// A manifest from memory, else from disk.
     async fn cached_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
         if let Some(m) = self.manifests.get(digest) {
-            self.store.touch(digest);
+            self.budget.touch(digest);
             return Some(m);
         }
-        let obj = match self.store.open(digest).await {
-            Ok(obj) => obj?,
+        let body = match self.store.read_small(digest, u64::MAX).await {
+            Ok(body) => {
+                self.budget.touch(digest);
+                body?
+            }
             Err(e) => {
                 warn!(%digest, error = %e, "could not read cached manifest");
                 return None;
             }
         };
-        let body = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut &obj.file, &mut buf).map(|_| buf)
-        })
-        .await
-        .ok()?
-        .ok()?;
         let media_type = media::sniff(&body).unwrap_or_else(|| media::OCI_MANIFEST.to_string());
         let manifest = Arc::new(Manifest {
             digest: digest.clone(),
             media_type,
-            body: Bytes::from(body),
+            body,
         });
         self.manifests.insert(digest.clone(), manifest.clone());
         Some(manifest)
@@ -590,7 +627,7 @@ impl Mirror {
         }
         match self.store.put(&digest, body.clone()).await {
             Ok(()) => {
-                self.metrics.record_usage(self.store.usage());
+                self.metrics.record_usage(self.budget.usage());
                 self.watch_pins(&upstream.name, name);
             }
             Err(e) => {
@@ -766,14 +803,10 @@ impl Mirror {
         digest: &Digest,
         range: Option<&str>,
     ) -> Result<ApiResponse, ApiError> {
-        let (up, n, d) = (upstream.clone(), name.clone(), digest.clone());
-        let fetch = move |from: u64| {
-            let (up, n, d) = (up.clone(), n.clone(), d.clone());
-            async move { up.blob_from(&n, &d, from).await }.boxed()
-        };
+        let origin = Arc::new(UpstreamOrigin::new(upstream, name));
         let source = self
             .fills
-            .get(digest, &upstream.name, fetch)
+            .get(digest, origin)
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let blob_unknown = || ApiError::BlobUnknown {
@@ -782,7 +815,7 @@ impl Mirror {
         match source {
             BlobSource::Cached(obj) => {
                 let span = parse_range(range, Some(obj.len))?;
-                let body = BlobBody::cached(obj.file, span.start, span.end.unwrap_or(obj.len));
+                let body = BlobBody::cached(obj.reader, span.start, span.end.unwrap_or(obj.len));
                 Ok(blob_response(
                     digest,
                     span,
@@ -804,7 +837,7 @@ impl Mirror {
                 }
                 let len = wait_started(&mut progress)
                     .await
-                    .map_err(|e| ApiError::from_upstream(&e, blob_unknown()))?;
+                    .map_err(|e| ApiError::from_fill(&e, blob_unknown()))?;
                 let span = parse_range(range, len)?;
                 let body = BlobBody::filling(reader, progress, span.start, span.end);
                 let outcome = if joined {
@@ -825,7 +858,9 @@ impl Mirror {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<ApiResponse, ApiError> {
-        let known = self.store.size_of(digest).map(|len| (len, Outcome::Hit));
+        let stat = self.store.stat(digest).await;
+        let stat = stat.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let known = stat.map(|len| (len, Outcome::Hit));
         let known = known.or_else(|| {
             let len = self.fills.len_in_flight(digest)?;
             Some((len, Outcome::Coalesced))

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, Read};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use super::prefetch::human_bytes;
 use crate::inventory;
 use crate::oci::Digest;
 use crate::oci::digest::DigestVerifier;
-use crate::store::{BlobStore, DiskStore};
+use crate::store::{BlobStore, StoreError};
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -46,20 +46,20 @@ impl VerifyReport {
 
 /// Where bad objects go: inside the cache directory (same filesystem, so a rename), outside
 /// `objects/`, so the index never sees them again and an operator can inspect them.
-pub fn quarantine_dir(store: &DiskStore) -> PathBuf {
-    store.root().join("quarantine")
+pub fn quarantine_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("quarantine")
 }
 
 /// Hash every object in the store against its name. A mismatch (or an unreadable file) is
 /// moved to [`quarantine_dir`] and dropped from the index, so the next request fetches it
 /// again from upstream.
 pub async fn verify(cache: &OpenCache) -> anyhow::Result<VerifyReport> {
-    let store = cache.mirror.store();
+    let store = cache.mirror.store().as_ref();
+    let dir = quarantine_dir(&cache.dir);
     let started = Instant::now();
     let mut report = VerifyReport::default();
-    for (digest, _) in store.list() {
-        let path = store.path_of(&digest);
-        let hashed = tokio::task::spawn_blocking(move || hash_file(&path)).await?;
+    for (digest, _) in store.list().await? {
+        let hashed = hash_object(store, &digest, None).await;
         let why = match hashed {
             Ok((actual, len)) => {
                 report.bytes += len;
@@ -72,7 +72,7 @@ pub async fn verify(cache: &OpenCache) -> anyhow::Result<VerifyReport> {
             Err(e) => format!("cannot read it: {e}"),
         };
         report.checked += 1;
-        quarantine(store, &digest).await?;
+        quarantine(store, &digest, &dir).await?;
         report.quarantined.push((digest, why));
     }
     let mirror = cache.mirror.clone();
@@ -81,29 +81,40 @@ pub async fn verify(cache: &OpenCache) -> anyhow::Result<VerifyReport> {
     Ok(report)
 }
 
-fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut file = fs::File::open(path)?;
+/// Read an object through the store in 1 MiB chunks, hashing it (and copying it to `copy`).
+/// Reading it is not a use for eviction.
+async fn hash_object(
+    store: &dyn BlobStore,
+    digest: &Digest,
+    mut copy: Option<&mut fs::File>,
+) -> Result<(Digest, u64), StoreError> {
+    const CHUNK: u64 = 1024 * 1024;
+    let obj = store
+        .peek(digest)
+        .await?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
     let mut verifier = DigestVerifier::new();
-    let mut buf = vec![0u8; 1024 * 1024];
-    let mut len = 0;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((verifier.finish(), len));
+    let (mut pos, mut spare) = (0, bytes::BytesMut::new());
+    while pos < obj.len {
+        let n = (obj.len - pos).min(CHUNK) as usize;
+        let (chunk, back) = obj.reader.read(pos, n, spare).await?;
+        verifier.update(&chunk);
+        if let Some(file) = copy.as_mut() {
+            file.write_all(&chunk)?;
         }
-        verifier.update(&buf[..n]);
-        len += n as u64;
+        pos += n as u64;
+        spare = back;
     }
+    Ok((verifier.finish(), obj.len))
 }
 
-async fn quarantine(store: &DiskStore, digest: &Digest) -> anyhow::Result<()> {
-    let dir = quarantine_dir(store);
-    fs::create_dir_all(&dir)?;
-    match fs::rename(store.path_of(digest), dir.join(digest.hex())) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
-    }
-    // The file is gone already; this takes it out of the index.
+/// Copy a bad object into `dir` for the operator to inspect (what can still be read of it),
+/// then remove it from the store.
+async fn quarantine(store: &dyn BlobStore, digest: &Digest, dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    let mut copy = fs::File::create(dir.join(digest.hex()))?;
+    // An unreadable object is still removed: the next request fetches it again.
+    let _ = hash_object(store, digest, Some(&mut copy)).await;
     store.remove(digest).await?;
     Ok(())
 }
@@ -136,10 +147,10 @@ pub struct DuReport {
 }
 
 /// Usage by upstream and repository, from the saved tag answers down through the cached
-/// manifests. Blocking.
-pub fn du(cache: &OpenCache) -> DuReport {
-    let store = cache.mirror.store();
-    let sizes: BTreeMap<Digest, u64> = store.list().into_iter().collect();
+/// manifests.
+pub async fn du(cache: &OpenCache) -> anyhow::Result<DuReport> {
+    let store = cache.mirror.store().as_ref();
+    let sizes: BTreeMap<Digest, u64> = store.list().await?.into_iter().collect();
     let mut by_repo: BTreeMap<(String, String), (BTreeSet<String>, Vec<Digest>)> = BTreeMap::new();
     for saved in cache.mirror.tags().list() {
         let key = (saved.upstream.to_string(), saved.name.to_string());
@@ -152,6 +163,7 @@ pub fn du(cache: &OpenCache) -> DuReport {
     let mut referenced = HashSet::new();
     for ((upstream, repository), (tags, roots)) in by_repo {
         let reached: HashSet<Digest> = inventory::closure(store, roots, None)
+            .await
             .all()
             .filter(|d| sizes.contains_key(d))
             .cloned()
@@ -174,7 +186,7 @@ pub fn du(cache: &OpenCache) -> DuReport {
         .collect();
     report.unreferenced = size_of(&sizes, sizes.keys().filter(|d| !referenced.contains(*d)));
     report.total = size_of(&sizes, sizes.keys());
-    report
+    Ok(report)
 }
 
 fn size_of<'a>(sizes: &BTreeMap<Digest, u64>, digests: impl Iterator<Item = &'a Digest>) -> Size {

@@ -61,7 +61,7 @@ pub fn prefetch(
 
 pub fn export(config: &Config, selection: &Selection, output: &Path) -> anyhow::Result<()> {
     let cache = OpenCache::open(config, "export")?;
-    let report = bundle::export(&cache, selection, output)?;
+    let report = runtime()?.block_on(bundle::export(&cache, selection, output))?;
     for skipped in &report.skipped {
         eprintln!("skipped {skipped}");
     }
@@ -97,10 +97,7 @@ pub fn import(config: &Config, file: &Path) -> anyhow::Result<()> {
 pub fn verify(config: &Config) -> anyhow::Result<()> {
     let cache = OpenCache::open(config, "verify")?;
     let report = runtime()?.block_on(check::verify(&cache))?;
-    print!(
-        "{}",
-        report.summary(&check::quarantine_dir(cache.mirror.store()))
-    );
+    print!("{}", report.summary(&check::quarantine_dir(&cache.dir)));
     if !report.quarantined.is_empty() {
         bail!(
             "{} objects did not match their digest",
@@ -112,6 +109,6 @@ pub fn verify(config: &Config) -> anyhow::Result<()> {
 
 pub fn du(config: &Config) -> anyhow::Result<()> {
     let cache = OpenCache::open(config, "du")?;
-    print!("{}", check::du(&cache).render());
+    print!("{}", runtime()?.block_on(check::du(&cache))?.render());
     Ok(())
 }

@@ -24,6 +24,8 @@ pub use lock::CacheLock;
 /// a server's fills), then the mirror over it.
 pub struct OpenCache {
     pub mirror: Arc<Mirror>,
+    /// `cache.dir`.
+    pub dir: std::path::PathBuf,
     upstreams: Upstreams,
     _lock: CacheLock,
 }
@@ -35,6 +37,7 @@ impl OpenCache {
         let metrics = Arc::new(Metrics::new());
         Ok(OpenCache {
             mirror: Mirror::new(config, metrics.clone())?,
+            dir: config.cache.dir.clone(),
             upstreams: Upstreams::new(config, metrics)?,
             _lock: lock,
         })

@@ -20,7 +20,6 @@ use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror, Outcome};
 use crate::oci::manifest::{self, Platform};
 use crate::oci::media::AcceptSet;
 use crate::oci::{Digest, ImageRef};
-use crate::store::BlobStore;
 
 /// Blob downloads at once, across all images: enough to hide one slow layer, few enough not to
 /// look like a herd to the upstream.
@@ -341,11 +340,11 @@ impl Job<'_> {
         size: u64,
     ) -> Result<(Outcome, u64), String> {
         let store = self.mirror.store();
-        if let Some(len) = store.size_of(&digest) {
+        if let Some(len) = store.stat(&digest).await.map_err(|e| e.to_string())? {
             self.progress.advanced(i, len);
             return Ok((Outcome::Hit, len));
         }
-        let usage = store.usage();
+        let usage = self.mirror.budget().usage();
         if size > usage.max_bytes.saturating_sub(usage.pinned_bytes) {
             return Err(format!(
                 "blob {digest} ({}) cannot be kept in a cache of {} (cache.max_size, less what is pinned)",
@@ -371,7 +370,7 @@ impl Job<'_> {
             read += chunk.len() as u64;
             self.progress.advanced(i, chunk.len() as u64);
         }
-        wait_committed(store.as_ref(), &digest).await?;
+        wait_committed(self.mirror, &digest).await?;
         Ok((resp.outcome, read))
     }
 }
@@ -397,19 +396,22 @@ fn failure(resp: &ApiResponse) -> String {
 
 /// The fill that served a blob commits it to the store after its last byte is verified; a
 /// prefetch is only done once it is there (else a second run, or an export, would miss it).
-async fn wait_committed(store: &dyn BlobStore, digest: &Digest) -> Result<(), String> {
-    let deadline = Instant::now() + COMMIT_WAIT;
-    let mut pause = Duration::from_millis(2);
-    while store.size_of(digest).is_none() {
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "blob {digest} was fetched but not kept in the cache (see the log)"
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
+async fn wait_committed(mirror: &Mirror, digest: &Digest) -> Result<(), String> {
+    let settled = tokio::time::timeout(COMMIT_WAIT, mirror.fills().settled(digest)).await;
+    let kept = match settled {
+        Ok(()) => mirror
+            .store()
+            .stat(digest)
+            .await
+            .map_err(|e| e.to_string())?,
+        Err(_) => None,
+    };
+    match kept {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "blob {digest} was fetched but not kept in the cache (see the log)"
+        )),
     }
-    Ok(())
 }
 
 #[derive(Deserialize)]

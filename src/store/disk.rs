@@ -1,4 +1,4 @@
-//! Local-disk [`BlobStore`]: `<dir>/objects/sha256/<first two hex>/<hex>` for committed objects,
+//! Local-disk [`BlobStore`] and [`Budget`]: `<dir>/objects/sha256/<first two hex>/<hex>` for committed objects,
 //! `<dir>/tmp/` for ingests in progress, `<dir>/lru` for the eviction order at the last save.
 //! Objects and temp files live on one filesystem, so commit is a rename.
 
@@ -15,9 +15,12 @@ use async_trait::async_trait;
 use tracing::{info, warn};
 
 use super::lru::{Evicted, LruIndex};
-use super::{BlobStore, Ingest, StoreError, StoredObject, Usage};
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    BlobStore, Budget, Ingest, Object, ObjectReader, ObjectWriter, StoreError, Usage, Verified,
+};
 use crate::oci::Digest;
-use crate::oci::digest::DigestVerifier;
 
 const ORDER_FILE: &str = "lru";
 const ORDER_HEADER: &str = "dockside-lru 1";
@@ -197,6 +200,23 @@ impl DiskStore {
         &self.shared.root
     }
 
+    /// The committed file of an indexed object (a miss if it vanished from disk).
+    fn read_file(&self, digest: &Digest) -> Result<Option<Object>, StoreError> {
+        match File::open(self.shared.object_path(digest)) {
+            Ok(file) => {
+                let len = file.metadata()?.len();
+                let reader = Arc::new(FileReader(Arc::new(file)));
+                Ok(Some(Object { len, reader }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                warn!(%digest, "indexed object missing on disk; forgetting it");
+                self.shared.index.remove(digest);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The file of a committed object (for tools and tests; requests go through [`BlobStore`]).
     pub fn path_of(&self, digest: &Digest) -> PathBuf {
         self.shared.object_path(digest)
@@ -245,7 +265,7 @@ impl Shared {
 
     /// fsync the data, rename it into place and index it, fsync the directory so the rename
     /// survives a crash, then delete what the new object pushed out.
-    fn publish(&self, ingest: &mut DiskIngest, file: &File) -> Result<(), StoreError> {
+    fn publish(&self, ingest: &mut DiskWriter, file: &File) -> Result<(), StoreError> {
         (&*file).flush()?;
         file.sync_all()?;
         let dest = self.object_path(&ingest.digest);
@@ -277,53 +297,45 @@ impl Shared {
 
 #[async_trait]
 impl BlobStore for DiskStore {
-    fn size_of(&self, digest: &Digest) -> Option<u64> {
-        self.shared.index.get(digest)
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(self.shared.index.get(digest))
     }
 
-    async fn open(&self, digest: &Digest) -> Result<Option<StoredObject>, StoreError> {
+    async fn open(&self, digest: &Digest) -> Result<Option<Object>, StoreError> {
         if self.shared.index.touch(digest).is_none() {
             return Ok(None);
         }
-        match File::open(self.shared.object_path(digest)) {
-            Ok(file) => {
-                let len = file.metadata()?.len();
-                Ok(Some(StoredObject { file, len }))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                warn!(%digest, "indexed object missing on disk; forgetting it");
-                self.shared.index.remove(digest);
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
+        self.read_file(digest)
+    }
+
+    async fn peek(&self, digest: &Digest) -> Result<Option<Object>, StoreError> {
+        if self.shared.index.get(digest).is_none() {
+            return Ok(None);
         }
+        self.read_file(digest)
     }
 
-    fn touch(&self, digest: &Digest) {
-        self.shared.index.touch(digest);
-    }
-
-    fn ingest(&self, digest: &Digest) -> Result<Box<dyn Ingest>, StoreError> {
+    async fn ingest(&self, digest: &Digest) -> Result<Ingest, StoreError> {
         let tmp_path =
             self.shared
                 .tmp_dir()
                 .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp_path)?;
-        Ok(Box::new(DiskIngest {
+        let writer = DiskWriter {
             digest: digest.clone(),
             tmp_path,
             file: Some(Arc::new(file)),
-            verifier: Some(DigestVerifier::new()),
             written: 0,
-            hashed: 0,
             reserved: 0,
             committed: false,
             discarded: false,
             shared: self.shared.clone(),
-        }))
+        };
+        Ok(Ingest::new(digest, Box::new(writer)))
     }
 
     async fn remove(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
@@ -344,13 +356,29 @@ impl BlobStore for DiskStore {
         Ok(removed)
     }
 
+    async fn list(&self) -> Result<Vec<(Digest, u64)>, StoreError> {
+        Ok(self.shared.index.order())
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let probe = self.tmp_probe_path();
+        tokio::task::spawn_blocking(move || {
+            fs::write(&probe, b"ready").and_then(|()| fs::remove_file(&probe))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(())
+    }
+}
+
+impl Budget for DiskStore {
+    fn touch(&self, digest: &Digest) {
+        self.shared.index.touch(digest);
+    }
+
     fn set_pins(&self, pins: HashSet<Digest>) {
         let evicted = self.shared.index.set_pins(pins);
         self.shared.delete(evicted);
-    }
-
-    fn list(&self) -> Vec<(Digest, u64)> {
-        self.shared.index.order()
     }
 
     fn usage(&self) -> Usage {
@@ -364,47 +392,78 @@ impl BlobStore for DiskStore {
             evicted_bytes: self.shared.evicted_bytes.load(Ordering::Relaxed),
         }
     }
+
+    fn save(&self) -> io::Result<bool> {
+        self.save_order()
+    }
 }
 
-struct DiskIngest {
+/// Reads of a local file with `pread` on a blocking thread. The descriptor stays valid after
+/// the file is renamed or unlinked.
+pub struct FileReader(pub Arc<File>);
+
+#[async_trait]
+impl ObjectReader for FileReader {
+    async fn read(
+        &self,
+        pos: u64,
+        len: usize,
+        mut spare: BytesMut,
+    ) -> Result<(Bytes, BytesMut), StoreError> {
+        let file = self.0.clone();
+        let (mut buf, read) = tokio::task::spawn_blocking(move || {
+            // Takes the old allocation back if the last chunk is gone, else makes a new one.
+            spare.reserve(len);
+            spare.resize(len, 0);
+            let read = file.read_exact_at(&mut spare, pos);
+            (spare, read)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        read?;
+        Ok((buf.split().freeze(), buf))
+    }
+}
+
+struct DiskWriter {
     digest: Digest,
     tmp_path: PathBuf,
     file: Option<Arc<File>>,
-    /// `None` once verified.
-    verifier: Option<DigestVerifier>,
     written: u64,
-    /// Bytes passed to `write`: more than `written` once discarded.
-    hashed: u64,
     /// Bytes set aside in the index for this object.
     reserved: u64,
     committed: bool,
-    /// Given up after a failed write: only hashing goes on.
     discarded: bool,
     shared: Arc<Shared>,
 }
 
-impl DiskIngest {
+impl DiskWriter {
     fn file(&self) -> io::Result<Arc<File>> {
         self.file
             .clone()
             .ok_or_else(|| io::Error::other("ingest already finished"))
     }
+
+    /// Set aside `len` more bytes in the index, evicting to make room (blocking: it unlinks).
+    fn reserve_more(&mut self, len: u64, total: u64) -> Result<(), StoreError> {
+        let evicted = self.shared.index.reserve(len, total)?;
+        self.reserved += len;
+        self.shared.delete(evicted);
+        Ok(())
+    }
 }
 
 #[async_trait]
-impl Ingest for DiskIngest {
-    fn reader(&self) -> io::Result<File> {
-        File::open(&self.tmp_path)
+impl ObjectWriter for DiskWriter {
+    fn reader(&self) -> Option<Arc<dyn ObjectReader>> {
+        let file = self.file.clone()?;
+        Some(Arc::new(FileReader(file)))
     }
 
     async fn reserve(&mut self, len: u64) -> Result<(), StoreError> {
-        let Some(evicted) = self.shared.index.reserve(len) else {
-            return Err(StoreError::TooLarge {
-                len,
-                max: self.shared.index.max_bytes(),
-            });
-        };
-        self.reserved += len;
+        let more = len.saturating_sub(self.reserved);
+        let evicted = self.shared.index.reserve(more, len)?;
+        self.reserved += more;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.delete(evicted))
             .await
@@ -413,17 +472,14 @@ impl Ingest for DiskIngest {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        let verifier = self
-            .verifier
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write after verify"))?;
-        verifier.update(bytes);
-        self.hashed += bytes.len() as u64;
-        if self.discarded {
-            return Ok(());
+        let end = self.written + bytes.len() as u64;
+        // A blob without a Content-Length, or one longer than announced, makes room as it
+        // grows: the disk never holds more than the budget.
+        if end > self.reserved {
+            self.reserve_more(end - self.reserved, end)?;
         }
         self.file()?.write_all_at(bytes, self.written)?;
-        self.written += bytes.len() as u64;
+        self.written = end;
         Ok(())
     }
 
@@ -442,22 +498,9 @@ impl Ingest for DiskIngest {
         self.written
     }
 
-    fn verify(&mut self) -> Result<u64, StoreError> {
-        if let Some(verifier) = self.verifier.take() {
-            let actual = verifier.finish();
-            if actual != self.digest {
-                return Err(StoreError::DigestMismatch {
-                    expected: self.digest.clone(),
-                    actual,
-                });
-            }
-        }
-        Ok(self.hashed)
-    }
-
-    async fn commit(mut self: Box<Self>) -> Result<u64, StoreError> {
-        if self.verifier.is_some() || self.discarded {
-            return Err(io::Error::other("commit before verify, or of a discarded object").into());
+    async fn commit(mut self: Box<Self>, proof: Verified) -> Result<u64, StoreError> {
+        if self.discarded || proof.digest() != &self.digest {
+            return Err(io::Error::other("commit of a discarded or another object").into());
         }
         let file = self.file.take().expect("commit runs once");
         let shared = self.shared.clone();
@@ -470,7 +513,7 @@ impl Ingest for DiskIngest {
     }
 }
 
-impl Drop for DiskIngest {
+impl Drop for DiskWriter {
     fn drop(&mut self) {
         if !self.committed {
             self.discard();
@@ -481,13 +524,10 @@ impl Drop for DiskIngest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use std::io::Read;
-
-    fn read_all(mut file: File) -> Vec<u8> {
-        let mut out = Vec::new();
-        file.read_to_end(&mut out).unwrap();
-        out
+    async fn read_all(obj: Object) -> Vec<u8> {
+        let len = obj.len as usize;
+        let (bytes, _) = obj.reader.read(0, len, BytesMut::new()).await.unwrap();
+        bytes.to_vec()
     }
 
     #[tokio::test]
@@ -500,7 +540,7 @@ mod tests {
         store.put(&digest, data.clone().into()).await.unwrap();
         let obj = store.open(&digest).await.unwrap().unwrap();
         assert_eq!(obj.len, data.len() as u64);
-        assert_eq!(read_all(obj.file), data);
+        assert_eq!(read_all(obj).await, data);
         assert_eq!(
             (store.usage().bytes, store.usage().objects),
             (data.len() as u64, 1)
@@ -527,17 +567,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         let digest = Digest::of(b"abcdef");
-        let mut ingest = store.ingest(&digest).unwrap();
+        let mut ingest = store.ingest(&digest).await.unwrap();
         let reader = ingest.reader().unwrap();
         ingest.write(b"abc").unwrap();
-        let mut buf = [0u8; 3];
-        reader.read_exact_at(&mut buf, 0).unwrap();
-        assert_eq!(&buf, b"abc");
+        let (bytes, _) = reader.read(0, 3, BytesMut::new()).await.unwrap();
+        assert_eq!(&bytes[..], b"abc");
         ingest.write(b"def").unwrap();
-        ingest.verify().unwrap();
-        ingest.commit().await.unwrap();
-        reader.read_exact_at(&mut buf, 3).unwrap();
-        assert_eq!(&buf, b"def");
+        let proof = ingest.verify().unwrap();
+        ingest.commit(proof).await.unwrap();
+        let (bytes, _) = reader.read(3, 3, BytesMut::new()).await.unwrap();
+        assert_eq!(&bytes[..], b"def");
     }
 
     #[tokio::test]
@@ -546,25 +585,28 @@ mod tests {
         let store = DiskStore::open(dir.path(), 10).unwrap();
         let kept = put_all(&store, &[&[1; 4]]).await;
         let digest = Digest::of(b"abcdef");
-        let mut ingest = store.ingest(&digest).unwrap();
+        let mut ingest = store.ingest(&digest).await.unwrap();
         ingest.reserve(6).await.unwrap();
         ingest.write(b"abc").unwrap();
         ingest.discard();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         // Had the discard kept its reservation, this one would evict the kept object.
-        store.ingest(&digest).unwrap().reserve(6).await.unwrap();
+        store
+            .ingest(&digest)
+            .await
+            .unwrap()
+            .reserve(6)
+            .await
+            .unwrap();
         assert!(
             store.path_of(&kept[0]).exists(),
             "the reservation was not given back"
         );
         ingest.write(b"def").unwrap();
         assert_eq!(ingest.written(), 3, "a discarded ingest wrote on");
-        assert_eq!(
-            ingest.verify().unwrap(),
-            6,
-            "verified what was passed, not written"
-        );
-        assert!(ingest.commit().await.is_err());
+        let proof = ingest.verify().unwrap();
+        assert_eq!(proof.len(), 6, "verified what was passed, not written");
+        assert!(ingest.commit(proof).await.is_err());
         assert!(store.open(&digest).await.unwrap().is_none());
     }
 
@@ -578,14 +620,14 @@ mod tests {
                 .put(&digest, Bytes::from_static(b"kept"))
                 .await
                 .unwrap();
-            let abandoned = store.ingest(&Digest::of(b"lost")).unwrap();
+            let abandoned = store.ingest(&Digest::of(b"lost")).await.unwrap();
             std::mem::forget(abandoned); // as if the process died mid-fill
         }
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         fs::write(dir.path().join("objects/sha256/zz-not-a-digest"), b"x").unwrap();
         let store = DiskStore::open(dir.path(), u64::MAX).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert_eq!(store.size_of(&digest), Some(4));
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(4));
         assert_eq!((store.usage().bytes, store.usage().objects), (4, 1));
     }
 
@@ -616,7 +658,7 @@ mod tests {
         // A reader of an object evicted under it still gets all its bytes.
         put_all(&store, &[&[5; 10], &[6; 10]]).await;
         assert!(!store.path_of(&d[1]).exists());
-        assert_eq!(read_all(reader.file), vec![2; 10]);
+        assert_eq!(read_all(reader).await, vec![2; 10]);
         assert_eq!(store.usage().evicted_objects, 3);
     }
 
@@ -637,7 +679,13 @@ mod tests {
             put_all(&store, &[&[4; 10]]).await;
         }
         let store = DiskStore::open(dir.path(), 100).unwrap();
-        let order: Vec<Digest> = store.list().into_iter().map(|(d, _)| d).collect();
+        let order: Vec<Digest> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
         assert_eq!(order[..3], [d[1].clone(), d[2].clone(), d[0].clone()]);
         assert_eq!(order[3], Digest::of(&[4; 10]));
     }
@@ -664,7 +712,7 @@ mod tests {
         let kept = put_all(&store, &[&[1; 5]]).await;
         let big = vec![7u8; 11];
         let digest = Digest::of(&big);
-        let mut ingest = store.ingest(&digest).unwrap();
+        let mut ingest = store.ingest(&digest).await.unwrap();
         assert!(matches!(
             ingest.reserve(11).await,
             Err(StoreError::TooLarge { len: 11, max: 10 })

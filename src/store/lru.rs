@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
+use super::StoreError;
 use crate::oci::Digest;
 
 #[derive(Clone, Copy, Debug)]
@@ -86,15 +87,22 @@ impl LruIndex {
         len <= self.max_bytes.saturating_sub(inner.pinned_bytes())
     }
 
-    /// Set aside `len` bytes for a fill, evicting to make room. `None` when even an empty
-    /// (unpinned) cache could not hold it: nothing is evicted then.
-    pub fn reserve(&self, len: u64) -> Option<Evicted> {
+    /// Set aside `more` bytes for an object that will then hold `total`, evicting to make
+    /// room. Refused, with nothing evicted, when even an empty (unpinned) cache could not hold
+    /// `total` ([`StoreError::TooLarge`]), or when the room is promised to other fills in flight
+    /// ([`StoreError::NoRoom`]): committed plus reserved bytes never pass the budget.
+    pub fn reserve(&self, more: u64, total: u64) -> Result<Evicted, StoreError> {
         let mut inner = self.lock();
-        if len > self.max_bytes.saturating_sub(inner.pinned_bytes()) {
-            return None;
+        let max = self.max_bytes;
+        if total > max.saturating_sub(inner.pinned_bytes()) {
+            return Err(StoreError::TooLarge { len: total, max });
         }
-        inner.reserved += len;
-        Some(inner.evict_to(self.max_bytes))
+        // Everything unpinned can be evicted; what is pinned or reserved cannot.
+        if inner.pinned_bytes() + inner.reserved + more > max {
+            return Err(StoreError::NoRoom { len: more, max });
+        }
+        inner.reserved += more;
+        Ok(inner.evict_to(max))
     }
 
     /// Give back a reservation whose fill ended without an insert.
@@ -278,7 +286,7 @@ mod tests {
         let index = LruIndex::new(30);
         index.insert(d(1), 10, 0);
         index.insert(d(2), 10, 0);
-        assert_eq!(index.reserve(15).unwrap(), vec![(d(1), 10)]);
+        assert_eq!(index.reserve(15, 15).unwrap(), vec![(d(1), 10)]);
         // The reserved space is not given away to another insert.
         assert_eq!(index.insert(d(3), 10, 0), vec![(d(2), 10)]);
         assert!(index.insert(d(4), 15, 15).is_empty());
@@ -289,9 +297,30 @@ mod tests {
     fn too_big_is_refused_without_evicting() {
         let index = LruIndex::new(30);
         index.insert(d(1), 10, 0);
-        assert!(index.reserve(31).is_none());
+        assert!(matches!(
+            index.reserve(31, 31),
+            Err(StoreError::TooLarge { len: 31, max: 30 })
+        ));
         assert!(!index.fits(31));
         assert_eq!(index.usage(), (10, 1));
+    }
+
+    #[test]
+    fn reservations_together_never_pass_the_budget() {
+        let index = LruIndex::new(30);
+        index.insert(d(1), 10, 0);
+        assert!(index.set_pins([d(1)].into()).is_empty());
+        // Two fills in flight: the first takes what is left, the second finds nothing to evict.
+        assert!(index.reserve(15, 15).unwrap().is_empty());
+        assert!(matches!(
+            index.reserve(15, 15),
+            Err(StoreError::NoRoom { len: 15, .. })
+        ));
+        // Growing by parts counts the parts already held.
+        assert!(index.reserve(5, 20).unwrap().is_empty());
+        assert!(index.reserve(1, 21).is_err());
+        index.release(20);
+        assert!(index.reserve(20, 20).is_ok());
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
-use bytes::Bytes;
 
 use super::{
     ACCEPT, CHUNK, Descriptor, LayoutIndex, REF_NAME, REPOSITORY, TAG, UPSTREAM, closure_with,
@@ -18,7 +17,7 @@ use crate::inventory::read_manifest;
 use crate::oci::digest::DigestVerifier;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::{Digest, ImageRef, Reference, RepoName, Tag};
-use crate::store::{BlobStore, DiskStore};
+use crate::store::{BlobStore, BlockingRead, Object};
 
 /// What to export.
 pub enum Selection {
@@ -56,19 +55,19 @@ pub struct ExportReport {
 
 /// Write the selected images, as far as they are cached, to `output` (through a temp file
 /// beside it, renamed at the end, so a failed export leaves no file that looks whole).
-/// Blocking. An image requested by name that is not complete in the cache is an error naming
-/// it; with [`Selection::All`] it is skipped and listed in the report.
-pub fn export(
+/// An image requested by name that is not complete in the cache is an error naming it; with
+/// [`Selection::All`] it is skipped and listed in the report.
+pub async fn export(
     cache: &OpenCache,
     selection: &Selection,
     output: &Path,
 ) -> anyhow::Result<ExportReport> {
-    let store = cache.mirror.store();
+    let store = cache.mirror.store().as_ref();
     let mut report = ExportReport::default();
     let mut roots = Vec::new();
     let mut objects = BTreeSet::new();
     for root in select(cache, selection)? {
-        match complete(store, &root.digest) {
+        match complete(store, &root.digest).await {
             Ok(closure) => {
                 objects.extend(closure);
                 roots.push(root);
@@ -82,9 +81,21 @@ pub fn export(
     if roots.is_empty() {
         bail!("nothing to export");
     }
-    let index = layout_index(store, &roots)?;
+    let index = layout_index(store, &roots).await?;
+    let mut opened = Vec::with_capacity(objects.len());
+    for digest in &objects {
+        let obj = store.peek(digest).await?;
+        let obj = obj.ok_or_else(|| anyhow!("object {digest} vanished from the cache"))?;
+        opened.push((digest.clone(), obj));
+    }
     let tmp = temp_beside(output);
-    let written = write_tar(store, &index, &objects, &tmp);
+    let runtime = tokio::runtime::Handle::current();
+    let (tar_path, written) = (tmp.clone(), index);
+    let written =
+        tokio::task::spawn_blocking(move || write_tar(&written, opened, &tar_path, runtime))
+            .await
+            .map_err(|e| anyhow!("export: {e}"))
+            .and_then(|written| written);
     let bytes = match written {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -151,13 +162,13 @@ fn named_roots(cache: &OpenCache, image: &ImageRef) -> anyhow::Result<Vec<Root>>
 /// Every object of an image the cache holds, or why it is not complete. An index counts as
 /// complete with the platforms that are cached (a prefetch takes only some); an image manifest
 /// needs its config and every layer.
-fn complete(store: &DiskStore, root: &Digest) -> Result<BTreeSet<Digest>, String> {
-    let lookup = |d: &Digest| read_manifest(store, d).map(Bytes::from);
-    let have = |d: &Digest| store.size_of(d).is_some();
-    closure_with(root, lookup, have)
+async fn complete(store: &dyn BlobStore, root: &Digest) -> Result<BTreeSet<Digest>, String> {
+    let lookup = async |d: &Digest| read_manifest(store, d).await;
+    let have = async |d: &Digest| store.stat(d).await.ok().flatten().is_some();
+    closure_with(root, lookup, have).await
 }
 
-fn layout_index(store: &DiskStore, roots: &[Root]) -> anyhow::Result<LayoutIndex> {
+async fn layout_index(store: &dyn BlobStore, roots: &[Root]) -> anyhow::Result<LayoutIndex> {
     // Readers pick an image by its ref name, so each tag names one descriptor: the answer for
     // the widest Accept set (every client type), which is what an index-aware reader wants.
     let mut named: HashMap<String, (u8, usize)> = HashMap::new();
@@ -171,6 +182,7 @@ fn layout_index(store: &DiskStore, roots: &[Root]) -> anyhow::Result<LayoutIndex
     let mut manifests = Vec::new();
     for (i, root) in roots.iter().enumerate() {
         let body = read_manifest(store, &root.digest)
+            .await
             .ok_or_else(|| anyhow!("{}: manifest vanished from the cache", root.shown()))?;
         let mut annotations = BTreeMap::from([
             (UPSTREAM.to_string(), root.upstream.to_string()),
@@ -204,24 +216,23 @@ fn temp_beside(output: &Path) -> PathBuf {
     output.with_file_name(format!(".{name}.{:016x}.partial", rand::random::<u64>()))
 }
 
-/// The tar: `oci-layout`, `index.json`, then each object streamed from its file and hashed on
+/// The tar: `oci-layout`, `index.json`, then each object streamed from the store and hashed on
 /// the way, so a cache object that rotted on disk fails the export instead of the import.
+/// Blocking: it reads the objects through `runtime`.
 fn write_tar(
-    store: &DiskStore,
     index: &LayoutIndex,
-    objects: &BTreeSet<Digest>,
+    objects: Vec<(Digest, Object)>,
     path: &Path,
+    runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<u64> {
     let file = File::create(path).with_context(|| format!("create {}", path.display()))?;
     let mut tar = tar::Builder::new(BufWriter::with_capacity(CHUNK, file));
     append_bytes(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     append_bytes(&mut tar, "index.json", &serde_json::to_vec(index)?)?;
     let mut bytes = 0;
-    for digest in objects {
-        let file = File::open(store.path_of(digest))
-            .with_context(|| format!("object {digest} vanished from the cache"))?;
-        let len = file.metadata()?.len();
-        let mut reader = Hashing::new(file);
+    for (digest, obj) in objects {
+        let len = obj.len;
+        let mut reader = Hashing::new(BlockingRead::new(obj, runtime.clone()));
         let mut header = entry_header(len);
         tar.append_data(
             &mut header,
@@ -230,7 +241,7 @@ fn write_tar(
         )
         .with_context(|| format!("write {}", path.display()))?;
         let actual = reader.finish();
-        if actual != *digest {
+        if actual != digest {
             bail!(
                 "object {digest} in the cache is corrupt (hashes to {actual}); run `dockside verify`"
             );

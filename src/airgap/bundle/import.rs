@@ -19,7 +19,7 @@ use crate::mirror::MANIFEST_LIMIT;
 use crate::oci::manifest;
 use crate::oci::media::AcceptSet;
 use crate::oci::{Digest, ImageRef, Reference, RepoName, Tag};
-use crate::store::{BlobStore, DiskStore, Ingest, StoreError};
+use crate::store::{BlobStore, Ingest, StoreError, Verified};
 use crate::tags::TagKey;
 
 /// `index.json` and `oci-layout` are small; a bigger one is not a bundle of ours.
@@ -39,7 +39,7 @@ pub struct ImportReport {
 /// Objects written and verified, not yet visible in the store.
 #[derive(Default)]
 struct Staged {
-    ingests: Vec<Box<dyn Ingest>>,
+    ingests: Vec<(Ingest, Verified)>,
     digests: BTreeSet<Digest>,
     /// Staged manifests' bodies, so the bundle's images can be checked before anything is
     /// committed.
@@ -52,7 +52,7 @@ struct Staged {
 /// complete. On any error before that, nothing is committed and the staged temp files are
 /// deleted (the ingests are dropped).
 pub async fn import(cache: &OpenCache, bundle: &Path) -> anyhow::Result<ImportReport> {
-    let store = cache.mirror.store();
+    let store = cache.mirror.store().as_ref();
     let (index, staged, objects_present) = stage_bundle(store, bundle)
         .await
         .context("refused, nothing imported")?;
@@ -63,17 +63,17 @@ pub async fn import(cache: &OpenCache, bundle: &Path) -> anyhow::Result<ImportRe
         images: index.manifests.len(),
         ..ImportReport::default()
     };
-    for ingest in staged.ingests {
+    for (ingest, proof) in staged.ingests {
         // Each object committed so far is verified; only the bundle's tags are not restored.
-        ingest.commit().await.context("commit an imported object")?;
+        ingest
+            .commit(proof)
+            .await
+            .context("commit an imported object")?;
     }
     restore_tags(cache, &index, &mut report);
+    cache.mirror.refresh_pins().await;
     let mirror = cache.mirror.clone();
-    tokio::task::spawn_blocking(move || {
-        mirror.refresh_pins();
-        mirror.save_state();
-    })
-    .await?;
+    tokio::task::spawn_blocking(move || mirror.save_state()).await?;
     Ok(report)
 }
 
@@ -81,7 +81,7 @@ pub async fn import(cache: &OpenCache, bundle: &Path) -> anyhow::Result<ImportRe
 /// every image it names is complete. Returns the index, the staged objects and how many of the
 /// bundle's objects the cache already had.
 async fn stage_bundle(
-    store: &DiskStore,
+    store: &dyn BlobStore,
     bundle: &Path,
 ) -> anyhow::Result<(LayoutIndex, Staged, usize)> {
     let file = File::open(bundle).with_context(|| format!("open {}", bundle.display()))?;
@@ -102,14 +102,14 @@ async fn stage_bundle(
             continue;
         };
         let digest = Digest::from_hex(hex).map_err(|e| anyhow!("bundle entry {path}: {e}"))?;
-        if store.size_of(&digest).is_some() {
+        if store.stat(&digest).await?.is_some() {
             present += 1;
         } else if !staged.digests.contains(&digest) {
             stage(store, &digest, &mut entry, &mut staged).await?;
         }
     }
     let index = index.ok_or_else(|| anyhow!("no index.json: not an OCI image layout"))?;
-    check_images(store, &index, &staged)?;
+    check_images(store, &index, &staged).await?;
     Ok((index, staged, present))
 }
 
@@ -121,12 +121,12 @@ fn read_index(entry: &mut impl Read) -> anyhow::Result<LayoutIndex> {
 
 /// Write one bundle entry into an ingest and check its digest; keep manifests' bodies.
 async fn stage(
-    store: &DiskStore,
+    store: &dyn BlobStore,
     digest: &Digest,
     entry: &mut tar::Entry<'_, impl Read>,
     staged: &mut Staged,
 ) -> anyhow::Result<()> {
-    let mut ingest = store.ingest(digest)?;
+    let mut ingest = store.ingest(digest).await?;
     // Reserving first evicts others to make room, and fails early when the bundle's objects
     // together cannot fit in cache.max_size.
     let size = entry.header().size()?;
@@ -149,12 +149,13 @@ async fn stage(
         }
         ingest.write(&buf)?;
     }
-    let len = match ingest.verify() {
+    let proof = match ingest.verify() {
         Err(StoreError::DigestMismatch { actual, .. }) => {
             bail!("the bundle's blob {digest} is corrupt: its content hashes to {actual}")
         }
         verified => verified?,
     };
+    let len = proof.len();
     if len <= MANIFEST_LIMIT
         && manifest::children(&small)
             .is_some_and(|c| !c.manifests.is_empty() || !c.blobs.is_empty())
@@ -163,7 +164,7 @@ async fn stage(
     }
     staged.bytes += len;
     staged.digests.insert(digest.clone());
-    staged.ingests.push(ingest);
+    staged.ingests.push((ingest, proof));
     Ok(())
 }
 
@@ -180,17 +181,20 @@ fn read_full(entry: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Every image the bundle's index names must be complete in the bundle plus the cache.
-fn check_images(store: &DiskStore, index: &LayoutIndex, staged: &Staged) -> anyhow::Result<()> {
-    let manifest_of = |d: &Digest| {
-        staged
-            .manifests
-            .get(d)
-            .cloned()
-            .or_else(|| read_manifest(store, d).map(Bytes::from))
+async fn check_images(
+    store: &dyn BlobStore,
+    index: &LayoutIndex,
+    staged: &Staged,
+) -> anyhow::Result<()> {
+    let manifest_of = async |d: &Digest| match staged.manifests.get(d) {
+        Some(body) => Some(body.clone()),
+        None => read_manifest(store, d).await,
     };
-    let has_blob = |d: &Digest| staged.digests.contains(d) || store.size_of(d).is_some();
+    let has_blob = async |d: &Digest| {
+        staged.digests.contains(d) || store.stat(d).await.ok().flatten().is_some()
+    };
     for desc in &index.manifests {
-        if let Err(why) = closure_with(&desc.digest, manifest_of, has_blob) {
+        if let Err(why) = closure_with(&desc.digest, &manifest_of, &has_blob).await {
             let name = desc
                 .annotations
                 .get(REF_NAME)

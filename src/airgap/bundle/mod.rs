@@ -57,10 +57,10 @@ struct Descriptor {
 
 /// The walk behind [`complete`], over any source of manifests and blobs (the cache, or a
 /// bundle being imported plus the cache).
-fn closure_with(
+async fn closure_with(
     root: &Digest,
-    manifest_of: impl Fn(&Digest) -> Option<Bytes>,
-    has_blob: impl Fn(&Digest) -> bool,
+    manifest_of: impl AsyncFn(&Digest) -> Option<Bytes>,
+    has_blob: impl AsyncFn(&Digest) -> bool,
 ) -> Result<BTreeSet<Digest>, String> {
     let mut out = BTreeSet::new();
     let mut queue = vec![root.clone()];
@@ -68,24 +68,26 @@ fn closure_with(
         if out.contains(&digest) {
             continue;
         }
-        let body = manifest_of(&digest).ok_or_else(|| format!("manifest {digest} is missing"))?;
+        let body = manifest_of(&digest)
+            .await
+            .ok_or_else(|| format!("manifest {digest} is missing"))?;
         let children = manifest::children(&body)
             .ok_or_else(|| format!("{digest} is not a manifest or index"))?;
         out.insert(digest);
         if !children.manifests.is_empty() {
-            let present: Vec<Digest> = children
-                .manifests
-                .into_iter()
-                .map(|(d, _)| d)
-                .filter(|d| manifest_of(d).is_some())
-                .collect();
+            let mut present: Vec<Digest> = Vec::new();
+            for (child, _) in children.manifests {
+                if manifest_of(&child).await.is_some() {
+                    present.push(child);
+                }
+            }
             if present.is_empty() {
                 return Err("none of the index's platform manifests is there".into());
             }
             queue.extend(present);
         }
         for blob in children.blobs {
-            if !has_blob(&blob) {
+            if !has_blob(&blob).await {
                 return Err(format!("blob {blob} is missing"));
             }
             out.insert(blob);
@@ -102,7 +104,6 @@ mod tests {
     use super::testing::{app, exported, open, rewrite_bundle};
     use super::{export, import};
     use crate::oci::{RepoName, Tag};
-    use crate::store::BlobStore;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_bundle_round_trips_objects_and_tags() {
@@ -112,7 +113,7 @@ mod tests {
         let target = open(b.path());
         let report = import(&target, &file).await.unwrap();
         assert_eq!((report.objects_added, report.tags), (3, 1));
-        assert_eq!(target.mirror.store().size_of(&layer), Some(11));
+        assert_eq!(target.mirror.store().stat(&layer).await.unwrap(), Some(11));
         let name = RepoName::parse("library/app").unwrap();
         let answers = target
             .mirror
@@ -142,10 +143,12 @@ mod tests {
             format!("{err:#}").contains(&format!("blob {layer} is missing")),
             "{err:#}"
         );
-        assert_eq!(target.mirror.store().usage().objects, 0);
+        assert_eq!(target.mirror.budget().usage().objects, 0);
 
         source.mirror.store().remove(&layer).await.unwrap();
-        let err = export(&source, &app(), &a.path().join("again.tar")).unwrap_err();
+        let err = export(&source, &app(), &a.path().join("again.tar"))
+            .await
+            .unwrap_err();
         assert!(
             err.to_string().contains("docker.io/library/app:v1"),
             "{err}"

@@ -14,7 +14,6 @@ use crate::airgap::OpenCache;
 use crate::config::Config;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::{Digest, ImageRef, RepoName, Tag};
-use crate::store::BlobStore;
 use crate::tags::TagKey;
 
 pub(super) fn open(dir: &Path) -> OpenCache {
@@ -64,7 +63,7 @@ pub(super) async fn exported(dir: &Path) -> (OpenCache, Digest, Digest, PathBuf)
     let source = open(dir);
     let (manifest, layer) = cache_image(&source, b"layer bytes").await;
     let file = dir.join("bundle.tar");
-    let report = export(&source, &app(), &file).unwrap();
+    let report = export(&source, &app(), &file).await.unwrap();
     assert_eq!((report.images, report.objects), (1, 3));
     (source, manifest, layer, file)
 }

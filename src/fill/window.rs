@@ -1,0 +1,151 @@
+//! A fill's bytes in memory and in the store, shared by the fill task, its writer and its
+//! readers: the window of received batches, how much of them is written, and every reader's
+//! place.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::store::ObjectReader;
+
+pub struct FillData {
+    /// Reads of what the store has written, set once the ingest exists (before any byte is
+    /// written). It stays valid after a commit or a discard.
+    pub(super) file: OnceLock<Arc<dyn ObjectReader>>,
+    tail: Mutex<Tail>,
+    /// Wakes the fill when its window may shrink: the writer moved on, or a reader moved on or
+    /// left.
+    pub(super) room: Notify,
+}
+
+/// The bytes a fill holds in memory, and what they are waiting for.
+pub(super) struct Tail {
+    /// The offset of the first byte in `chunks`.
+    pub start: u64,
+    /// Batches from `start` to `received`, each with its offset.
+    pub chunks: VecDeque<(u64, Bytes)>,
+    pub received: u64,
+    /// Bytes in the store, a prefix of those received.
+    pub written: u64,
+    /// Bytes the writer has hashed (and written, unless the file was given up).
+    pub hashed: u64,
+    /// The store no longer grows (the file was given up, or the store cannot be read before
+    /// commit): the window keeps what readers still need.
+    pub passthrough: bool,
+    /// A reader from byte 0 may still join: false once the file was given up after an error,
+    /// so later requests start a fill that tries to cache again.
+    pub joinable: bool,
+    /// The position of every reader, for pass-through.
+    pub readers: Vec<Weak<AtomicU64>>,
+}
+
+impl FillData {
+    pub(super) fn new() -> FillData {
+        FillData {
+            file: OnceLock::new(),
+            tail: Mutex::new(Tail {
+                start: 0,
+                chunks: VecDeque::new(),
+                received: 0,
+                written: 0,
+                hashed: 0,
+                passthrough: false,
+                joinable: true,
+                readers: Vec::new(),
+            }),
+            room: Notify::new(),
+        }
+    }
+
+    pub(super) fn tail(&self) -> MutexGuard<'_, Tail> {
+        self.tail.lock().expect("fill tail lock")
+    }
+
+    /// A new reader at offset 0, or `None` when it could need bytes that are neither in the
+    /// store nor still in memory.
+    pub(super) fn join(self: &Arc<Self>) -> Option<FillReader> {
+        let mut tail = self.tail();
+        if !tail.joinable || (tail.passthrough && tail.start > 0) {
+            return None;
+        }
+        let pos = Arc::new(AtomicU64::new(0));
+        tail.readers.push(Arc::downgrade(&pos));
+        Some(FillReader {
+            data: self.clone(),
+            pos,
+        })
+    }
+}
+
+impl Tail {
+    /// Bytes held in memory.
+    pub fn held(&self) -> u64 {
+        self.received - self.start.min(self.hashed)
+    }
+
+    /// Drop the batches no reader can need from memory any more: those in the store, and in
+    /// pass-through also those every reader has passed.
+    pub fn trim(&mut self) {
+        let mut keep_from = self.written;
+        if self.passthrough {
+            self.readers.retain(|r| r.strong_count() > 0);
+            let slowest = self.readers.iter().filter_map(Weak::upgrade);
+            let slowest = slowest.map(|p| p.load(Ordering::Acquire)).min();
+            keep_from = keep_from.max(slowest.unwrap_or(self.received));
+        }
+        while let Some((off, bytes)) = self.chunks.front() {
+            let end = off + bytes.len() as u64;
+            if end > keep_from {
+                break;
+            }
+            self.start = end;
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Where a reader at `pos` finds bytes up to `limit` (at most `limit`, which is at most
+    /// `received`). Bytes in memory are a slice of one batch, without a copy.
+    pub fn locate(&self, pos: u64, limit: u64) -> Located {
+        if pos >= self.start {
+            let i = self.chunks.partition_point(|(off, _)| *off <= pos) - 1;
+            let (off, bytes) = &self.chunks[i];
+            let end = (off + bytes.len() as u64).min(limit);
+            return Located::Memory(bytes.slice((pos - off) as usize..(end - off) as usize));
+        }
+        if pos < self.written {
+            return Located::Store(self.written.min(limit));
+        }
+        Located::Gone
+    }
+}
+
+pub(super) enum Located {
+    Memory(Bytes),
+    /// In the store, up to this offset.
+    Store(u64),
+    /// Neither: the reader fell behind what the fill kept (it should not happen).
+    Gone,
+}
+
+/// One reader's place in a fill. The fill keeps what the slowest reader needs once it can no
+/// longer count on its store; dropping the reader lets the fill move on.
+pub struct FillReader {
+    pub(super) data: Arc<FillData>,
+    pos: Arc<AtomicU64>,
+}
+
+impl FillReader {
+    pub(super) fn set(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Release);
+        self.data.room.notify_one();
+    }
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        self.data.room.notify_one();
+    }
+}
