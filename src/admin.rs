@@ -13,6 +13,7 @@ use pingora::protocols::http::ServerSession;
 use std::sync::Mutex;
 
 use crate::airgap::prefetch::{self, PlatformChoice};
+use crate::error::AdminError;
 use crate::inventory;
 use crate::mirror::{Mirror, PurgeTarget};
 use crate::oci::{Digest, ImageRef, RepoName, Tag};
@@ -56,7 +57,7 @@ impl ServeHttp for AdminApp {
             let body = match read_body(session).await {
                 Ok(body) => body,
                 Err(e) => {
-                    let (status, body) = api_error(StatusCode::BAD_REQUEST, e);
+                    let (status, body) = api_error(AdminError::BadRequest(e));
                     return respond(status, "application/json", body);
                 }
             };
@@ -72,13 +73,9 @@ impl ServeHttp for AdminApp {
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => match self.ready().await {
                 Ok(()) => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
-                Err(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("{e}\n").into_bytes(),
-                ),
+                Err(e) => text_error(AdminError::NotReady(e)),
             },
-            _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            _ => text_error(AdminError::NotFound("not found".into())),
         };
         respond(status, content_type, body)
     }
@@ -136,8 +133,15 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> ApiAnswer {
     (status, body)
 }
 
-fn api_error(status: StatusCode, message: impl std::fmt::Display) -> ApiAnswer {
-    json(status, &serde_json::json!({ "error": message.to_string() }))
+fn api_error(err: AdminError) -> ApiAnswer {
+    json(
+        err.status(),
+        &serde_json::json!({ "error": err.to_string() }),
+    )
+}
+
+fn text_error(err: AdminError) -> (StatusCode, &'static str, Vec<u8>) {
+    (err.status(), "text/plain", format!("{err}\n").into_bytes())
 }
 
 impl AdminApp {
@@ -151,15 +155,14 @@ impl AdminApp {
             (&Method::DELETE, "/api/cache") => match self.purge_target(query) {
                 Ok(target) => match self.mirror.purge(target).await {
                     Ok(report) => json(StatusCode::OK, &report),
-                    Err(e) => api_error(e.status(), e),
+                    Err(e) => api_error(e.into()),
                 },
-                Err(e) => api_error(StatusCode::BAD_REQUEST, e),
+                Err(e) => api_error(AdminError::BadRequest(e)),
             },
-            (_, "/api/repositories" | "/api/cache") => api_error(
-                StatusCode::METHOD_NOT_ALLOWED,
+            (_, "/api/repositories" | "/api/cache") => api_error(AdminError::MethodNotAllowed(
                 format!("{method} is not allowed on {path}"),
-            ),
-            _ => api_error(StatusCode::NOT_FOUND, format!("no admin API at {path}")),
+            )),
+            _ => api_error(AdminError::NotFound(format!("no admin API at {path}"))),
         }
     }
 
@@ -174,7 +177,7 @@ impl AdminApp {
         }
         let wanted: Wanted = match serde_json::from_slice(body) {
             Ok(w) => w,
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+            Err(e) => return api_error(AdminError::BadRequest(format!("request body: {e}"))),
         };
         let images: Result<Vec<ImageRef>, String> = wanted
             .images
@@ -188,8 +191,8 @@ impl AdminApp {
         };
         let (images, platforms) = match (images, platforms) {
             (Ok(i), Ok(p)) if !i.is_empty() => (i, p),
-            (Ok(_), Ok(_)) => return api_error(StatusCode::BAD_REQUEST, "no images given"),
-            (Err(e), _) | (_, Err(e)) => return api_error(StatusCode::BAD_REQUEST, e),
+            (Ok(_), Ok(_)) => return api_error(AdminError::BadRequest("no images given".into())),
+            (Err(e), _) | (_, Err(e)) => return api_error(AdminError::BadRequest(e.to_string())),
         };
         let id = {
             let mut jobs = self.prefetches.lock().expect("prefetch jobs");
@@ -220,7 +223,7 @@ impl AdminApp {
         match id.parse::<usize>().ok().and_then(|i| jobs.get(i)) {
             Some(None) => json(StatusCode::OK, &serde_json::json!({ "state": "running" })),
             Some(Some(report)) => json(StatusCode::OK, report),
-            None => api_error(StatusCode::NOT_FOUND, format!("no prefetch {id:?}")),
+            None => api_error(AdminError::NotFound(format!("no prefetch {id:?}"))),
         }
     }
 
@@ -232,7 +235,7 @@ impl AdminApp {
                 let repos = inventory::repositories(self.mirror.store().as_ref(), saved).await;
                 json(StatusCode::OK, &repos)
             }
-            Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => api_error(AdminError::Internal(e.to_string())),
         }
     }
 

@@ -202,6 +202,40 @@ impl ApiError {
     }
 }
 
+/// Why an admin endpoint (`admin_listen`) refused or failed a call. Its status is picked here,
+/// like every client error's; the admin API writes the message as `{"error": …}`, the plain
+/// endpoints as text.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// `/readyz` while the mirror cannot serve (shutting down, cache not writable).
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Internal(String),
+    /// A registry-level failure behind an admin call (a purge).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Api(e) => e.status(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     /// The cache failed a request (not an upstream): 500, with the cause for the log.
     fn from(err: StoreError) -> Self {

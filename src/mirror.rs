@@ -315,7 +315,7 @@ impl Mirror {
         for digest in doomed {
             self.manifests.invalidate(&digest);
             let removed = self.store.remove(&digest).await;
-            if let Some(len) = removed.map_err(|e| ApiError::Internal(e.to_string()))? {
+            if let Some(len) = removed? {
                 report.objects += 1;
                 report.bytes += len;
             }
@@ -804,11 +804,7 @@ impl Mirror {
         range: Option<&str>,
     ) -> Result<ApiResponse, ApiError> {
         let origin = Arc::new(UpstreamOrigin::new(upstream, name));
-        let source = self
-            .fills
-            .get(digest, origin)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let source = self.fills.get(digest, origin).await?;
         let blob_unknown = || ApiError::BlobUnknown {
             digest: digest.clone(),
         };
@@ -859,8 +855,7 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<ApiResponse, ApiError> {
         let stat = self.store.stat(digest).await;
-        let stat = stat.map_err(|e| ApiError::Internal(e.to_string()))?;
-        let known = stat.map(|len| (len, Outcome::Hit));
+        let known = stat?.map(|len| (len, Outcome::Hit));
         let known = known.or_else(|| {
             let len = self.fills.len_in_flight(digest)?;
             Some((len, Outcome::Coalesced))
