@@ -1,0 +1,240 @@
+//! Blobs: from the store, or from the one fill in flight per digest; `Range` on either.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Mirror {
+    pub(super) async fn blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+    ) -> Result<ApiResponse, ApiError> {
+        let origin = Arc::new(UpstreamOrigin::new(upstream, name));
+        let source = self.fills.get(digest, origin).await?;
+        let blob_unknown = || ApiError::BlobUnknown {
+            digest: digest.clone(),
+        };
+        match source {
+            BlobSource::Cached(obj) => {
+                let span = parse_range(range, Some(obj.len))?;
+                let body = BlobBody::cached(obj.reader, span.start, span.end.unwrap_or(obj.len));
+                Ok(blob_response(
+                    digest,
+                    span,
+                    Some(obj.len),
+                    Some(body),
+                    Outcome::Hit,
+                ))
+            }
+            BlobSource::Filling {
+                reader,
+                mut progress,
+                joined,
+            } => {
+                if joined {
+                    self.metrics
+                        .coalesced
+                        .with_label_values(&[&upstream.name, "blob"])
+                        .inc();
+                }
+                let len = wait_started(&mut progress)
+                    .await
+                    .map_err(|e| ApiError::from_fill(&e, blob_unknown()))?;
+                let span = parse_range(range, len)?;
+                let body = BlobBody::filling(reader, progress, span.start, span.end);
+                let outcome = if joined {
+                    Outcome::Coalesced
+                } else {
+                    Outcome::Miss
+                };
+                Ok(blob_response(digest, span, len, Some(body), outcome))
+            }
+        }
+    }
+
+    /// HEAD of a blob: from the cache or a fill in flight when we can, else asked upstream
+    /// without fetching.
+    pub(super) async fn blob_head(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<ApiResponse, ApiError> {
+        let stat = self.store.stat(digest).await;
+        let known = stat?.map(|len| (len, Outcome::Hit));
+        let known = known.or_else(|| {
+            let len = self.fills.len_in_flight(digest)?;
+            Some((len, Outcome::Coalesced))
+        });
+        let (len, outcome) = match known {
+            Some((len, outcome)) => (Some(len), outcome),
+            None => {
+                let resp = upstream
+                    .blob(Method::HEAD, name, digest)
+                    .await
+                    .map_err(|e| {
+                        ApiError::from_upstream(
+                            &e,
+                            ApiError::BlobUnknown {
+                                digest: digest.clone(),
+                            },
+                        )
+                    })?;
+                (content_length(resp.headers()), Outcome::Pass)
+            }
+        };
+        let span = Span {
+            start: 0,
+            end: len,
+            partial: false,
+        };
+        Ok(blob_response(digest, span, len, None, outcome))
+    }
+}
+
+
+/// The part of a blob a response sends: `end` is exclusive, `None` if not yet known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub end: Option<u64>,
+    pub partial: bool,
+}
+
+/// A single `bytes=` range against a blob of length `len`. Unparseable or multi-range headers
+/// are ignored (the whole blob is sent), as RFC 9110 allows; so is any range on a blob whose
+/// length is not known yet.
+pub fn parse_range(header: Option<&str>, len: Option<u64>) -> Result<Span, ApiError> {
+    let whole = Span {
+        start: 0,
+        end: len,
+        partial: false,
+    };
+    let (Some(header), Some(len)) = (header, len) else {
+        return Ok(whole);
+    };
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(whole);
+    };
+    if spec.contains(',') {
+        return Ok(whole);
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(whole);
+    };
+    let unsatisfiable =
+        || ApiError::RangeNotSatisfiable(format!("range {header:?} is outside the blob"), len);
+    let (start, end) = match (first.trim(), last.trim()) {
+        ("", "") => return Ok(whole),
+        ("", suffix) => {
+            let Ok(n) = suffix.parse::<u64>() else {
+                return Ok(whole);
+            };
+            if n == 0 {
+                return Err(unsatisfiable());
+            }
+            (len.saturating_sub(n), len)
+        }
+        (first, last) => {
+            let Ok(start) = first.parse::<u64>() else {
+                return Ok(whole);
+            };
+            let end = match last {
+                "" => len,
+                last => match last.parse::<u64>() {
+                    Ok(l) if l >= start => (l + 1).min(len),
+                    _ => return Ok(whole),
+                },
+            };
+            if start >= len {
+                return Err(unsatisfiable());
+            }
+            (start, end)
+        }
+    };
+    Ok(Span {
+        start,
+        end: Some(end),
+        partial: true,
+    })
+}
+
+pub(super) fn blob_response(
+    digest: &Digest,
+    span: Span,
+    len: Option<u64>,
+    body: Option<BlobBody>,
+    outcome: Outcome,
+) -> ApiResponse {
+    let status = if span.partial {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = ApiResponse::new(status, outcome);
+    resp.headers = vec![
+        ("Content-Type", "application/octet-stream".into()),
+        ("Docker-Content-Digest", digest.to_string()),
+        ("ETag", format!("\"{digest}\"")),
+        ("Accept-Ranges", "bytes".into()),
+        ("Cache-Control", "max-age=31536000, immutable".into()),
+    ];
+    if let Some(end) = span.end {
+        resp.headers
+            .push(("Content-Length", (end - span.start).to_string()));
+    }
+    if let (true, Some(end), Some(len)) = (span.partial, span.end, len) {
+        resp.headers.push((
+            "Content-Range",
+            format!("bytes {}-{}/{len}", span.start, end - 1),
+        ));
+    }
+    resp.body = body.map_or(Body::Empty, Body::Blob);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn span(start: u64, end: u64) -> Span {
+        Span {
+            start,
+            end: Some(end),
+            partial: true,
+        }
+    }
+
+    #[test]
+    pub(super) fn ranges() {
+        assert_eq!(
+            parse_range(Some("bytes=0-9"), Some(100)).unwrap(),
+            span(0, 10)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=90-"), Some(100)).unwrap(),
+            span(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-10"), Some(100)).unwrap(),
+            span(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some("bytes=50-500"), Some(100)).unwrap(),
+            span(50, 100)
+        );
+        assert!(
+            !parse_range(Some("bytes=0-1,5-6"), Some(100))
+                .unwrap()
+                .partial
+        );
+        assert!(!parse_range(Some("items=0-1"), Some(100)).unwrap().partial);
+        assert!(!parse_range(Some("bytes=5-1"), Some(100)).unwrap().partial);
+        assert!(!parse_range(Some("bytes=0-9"), None).unwrap().partial);
+        let err = parse_range(Some("bytes=100-"), Some(100)).unwrap_err();
+        assert_eq!(err.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert!(parse_range(Some("bytes=-0"), Some(100)).is_err());
+    }
+}

@@ -1,0 +1,303 @@
+//! The mirror's request logic, independent of the HTTP server: a parsed request in, a response
+//! (status, headers, body source) out. Manifests are small and kept in memory as well as in the
+//! store; blobs stream from the store or from a fill in flight.
+//!
+//! `mod.rs` holds the [`Mirror`] and the dispatch of a route; [`manifests`] the manifest and tag
+//! paths, [`blobs`] the blob paths, [`passthrough`] the calls passed on as they are, [`upkeep`]
+//! purges, pins and saved state, and [`response`] what a handler answers.
+
+mod blobs;
+mod manifests;
+mod passthrough;
+mod response;
+mod upkeep;
+
+pub use blobs::{Span, parse_range};
+pub use response::{ApiRequest, ApiResponse, Body, Manifest, Outcome};
+pub use upkeep::{PurgeReport, PurgeTarget};
+
+use manifests::manifest_response;
+use manifests::read_limited;
+use response::{ManifestResult, header_digest, header_str, with_api_version};
+use passthrough::Passthrough;
+use upkeep::on_own_runtime;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{Method, StatusCode};
+use moka::sync::Cache;
+use tracing::{debug, warn};
+
+use crate::client_auth::ClientAuth;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::fill::{BlobBody, BlobSource, Fills, wait_started};
+use crate::inventory;
+use crate::metrics::Metrics;
+use crate::oci::media::{self, AcceptSet};
+use crate::oci::route::{self, Route, Target};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::origin::UpstreamOrigin;
+use crate::origin::upstream::content_length;
+use crate::singleflight::SingleFlight;
+use crate::store::{BlobStore, Budget, DiskStore, Storage};
+use crate::tags::{SavedTag, TagCache, TagEntry, TagKey};
+use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
+
+/// Manifests larger than this are refused (the distribution spec's suggested limit).
+pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+/// Tag lists and referrer indexes passed through from upstream.
+const PASSTHROUGH_LIMIT: u64 = 16 * 1024 * 1024;
+/// Manifests kept in memory, by total size.
+const MEMORY_MANIFESTS: u64 = 64 * 1024 * 1024;
+/// How long a stale tag is served without asking a failing upstream again.
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+pub struct Mirror {
+    upstreams: Upstreams,
+    store: Arc<dyn BlobStore>,
+    budget: Arc<dyn Budget>,
+    fills: Fills,
+    tags: TagCache,
+    manifests: Cache<Digest, Arc<Manifest>>,
+    manifest_flights: SingleFlight<Digest, Result<Arc<Manifest>, ApiError>>,
+    tag_flights: SingleFlight<TagKey, ManifestResult>,
+    /// `client_auth`; `None`: open to anyone who can connect.
+    client_auth: Option<ClientAuth>,
+    /// Set once shutdown has begun.
+    stopping: std::sync::atomic::AtomicBool,
+    /// `cache.pin`, resolved to upstream and repository.
+    pins: Vec<(Arc<str>, RepoName, Reference)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Mirror {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mirror>> {
+        Mirror::open(config, metrics, DiskStore::open)
+    }
+
+    /// For a server taking over from a running one (`serve --upgrade`): see
+    /// [`DiskStore::open_beside_running`].
+    pub fn new_beside_running(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        Mirror::open(config, metrics, DiskStore::open_beside_running)
+    }
+
+    fn open(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        open_store: fn(&Path, u64) -> std::io::Result<DiskStore>,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
+        let store = open_store(&config.cache.dir, config.cache.max_size).map_err(cache_error)?;
+        Mirror::with_storage(config, metrics, Storage::of(Arc::new(store)))
+    }
+
+    /// A mirror over any store (the in-process tests run one in memory). Tags are still kept
+    /// under `cache.dir`.
+    pub fn with_storage(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
+        let Storage {
+            blobs: store,
+            budget,
+        } = storage;
+        let upstreams = Upstreams::new(config, metrics.clone())?;
+        let mut pins = Vec::new();
+        for image in &config.cache.pin {
+            let (upstream, name) = upstreams
+                .resolve(image.host.as_deref(), &image.name)
+                .map_err(|e| anyhow::anyhow!("cache.pin {image}: {e}"))?;
+            pins.push((upstream.name.clone(), name, image.reference.clone()));
+        }
+        let mirror = Mirror {
+            upstreams,
+            pins,
+            stopping: Default::default(),
+            client_auth: config.client_auth.as_ref().map(ClientAuth::new),
+            fills: Fills::new(store.clone(), budget.clone(), metrics.clone()),
+            store,
+            budget,
+            tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
+            manifests: Cache::builder()
+                .max_capacity(MEMORY_MANIFESTS)
+                .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            manifest_flights: SingleFlight::new(),
+            tag_flights: SingleFlight::new(),
+            metrics,
+        };
+        let mirror = Arc::new(mirror);
+        on_own_runtime(mirror.refresh_pins());
+        mirror.metrics.record_usage(mirror.budget.usage());
+        Ok(mirror)
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn tags(&self) -> &TagCache {
+        &self.tags
+    }
+
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Delete cached content: one object, or a repository's (or one tag's) saved answers and
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    pub fn fills(&self) -> &Fills {
+        &self.fills
+    }
+
+    pub fn budget(&self) -> &Arc<dyn Budget> {
+        &self.budget
+    }
+
+    /// Answer one registry request from a client (authenticated when `client_auth` is set).
+    pub async fn handle(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        let client = match &self.client_auth {
+            Some(auth) => match auth.authenticate(req.authorization.as_deref()).await {
+                Ok(client) => Some(client),
+                Err(e) => return with_api_version(ApiResponse::error(&e)),
+            },
+            None => None,
+        };
+        self.serve(req, client.as_deref()).await
+    }
+
+    /// Answer a request dockside makes of itself (prefetch, the admin API): no client, so no
+    /// authentication and no access limits.
+    pub async fn handle_internal(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        self.serve(req, None).await
+    }
+
+    async fn serve(self: &Arc<Self>, req: &ApiRequest, client: Option<&str>) -> ApiResponse {
+        let route = match route::parse(&req.method, &req.path, req.query.as_deref()) {
+            Ok(route) => route,
+            Err(e) => return ApiResponse::error(&e.into()),
+        };
+        let mut resp = with_api_version(self.dispatch(&route, req, client).await);
+        if let Some(ns) = &route.ns {
+            resp.headers.push(("OCI-Namespace", ns.clone()));
+        }
+        if route.head {
+            resp.body = Body::Empty;
+        }
+        if let Some(upstream) = &resp.upstream {
+            self.metrics
+                .requests
+                .with_label_values(&[upstream, resp.kind, resp.outcome.as_str()])
+                .inc();
+        }
+        resp
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        route: &Route,
+        req: &ApiRequest,
+        client: Option<&str>,
+    ) -> ApiResponse {
+        let (name, kind) = match &route.target {
+            Target::Ping => {
+                let mut resp = ApiResponse::new(StatusCode::OK, Outcome::Hit);
+                resp.headers
+                    .push(("Content-Type", "application/json".into()));
+                resp.body = Body::Full(Bytes::from_static(b"{}"));
+                resp.kind = "ping";
+                return resp;
+            }
+            Target::Manifest { name, .. } => (name, "manifest"),
+            Target::Blob { name, .. } => (name, "blob"),
+            Target::TagsList { name } => (name, "tags_list"),
+            Target::Referrers { name, .. } => (name, "referrers"),
+        };
+        // A host prefix with a port can only name an upstream, so it is resolved like `ns`.
+        let named = route.ns.as_deref().or(route.host_prefix.as_deref());
+        let (upstream, name) = match self.upstreams.resolve(named, name) {
+            Ok(resolved) => resolved,
+            Err(e) => return ApiResponse::error(&e),
+        };
+        if let (Some(auth), Some(client)) = (&self.client_auth, client) {
+            if !auth.may_read(client, &upstream.name) {
+                let denied =
+                    ApiError::ClientDenied(format!("{client} may not pull from {}", upstream.name));
+                return ApiResponse::error(&denied);
+            }
+        }
+        let result = match &route.target {
+            Target::Manifest { reference, .. } => {
+                let accept = AcceptSet::from_headers(req.accept.iter().map(String::as_str));
+                self.manifest(&upstream, &name, reference, accept)
+                    .await
+                    .map(|(m, outcome)| manifest_response(&m, outcome))
+            }
+            Target::Blob { digest, .. } => {
+                if route.head {
+                    self.blob_head(&upstream, &name, digest).await
+                } else {
+                    self.blob(&upstream, &name, digest, req.range.as_deref())
+                        .await
+                }
+            }
+            Target::TagsList { name: asked } => {
+                let call = Passthrough {
+                    suffix: "tags/list".to_string(),
+                    query: route.query.as_deref(),
+                    accept: None,
+                    asked,
+                    not_found: ApiError::NameUnknown(format!(
+                        "repository {name} is not known to {}",
+                        upstream.name
+                    )),
+                };
+                self.passthrough(&upstream, &name, call).await
+            }
+            Target::Referrers {
+                name: asked,
+                digest,
+            } => {
+                let call = Passthrough {
+                    suffix: format!("referrers/{digest}"),
+                    query: route.query.as_deref(),
+                    accept: req.accept.first().map(String::as_str),
+                    asked,
+                    not_found: ApiError::ManifestUnknown {
+                        name: name.to_string(),
+                        reference: digest.to_string(),
+                    },
+                };
+                self.passthrough(&upstream, &name, call).await
+            }
+            Target::Ping => unreachable!("answered above"),
+        };
+        let mut resp = result.unwrap_or_else(|e| ApiResponse::error(&e));
+        resp.upstream = Some(upstream.name.clone());
+        resp.kind = kind;
+        resp
+    }
+}
