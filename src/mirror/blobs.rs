@@ -1,7 +1,17 @@
 //! Blobs: from the store, or from the one fill in flight per digest; `Range` on either.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+
+use super::Mirror;
+use super::response::{ApiResponse, Body, Outcome};
+use crate::error::ApiError;
+use crate::fill::{BlobBody, BlobSource, wait_started};
+use crate::oci::{Digest, RepoName};
+use crate::origin::UpstreamOrigin;
+use crate::origin::upstream::content_length;
+use crate::upstream::Upstream;
 
 impl Mirror {
     pub(super) async fn blob(
@@ -93,7 +103,6 @@ impl Mirror {
         Ok(blob_response(digest, span, len, None, outcome))
     }
 }
-
 
 /// The part of a blob a response sends: `end` is exclusive, `None` if not yet known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,23 @@
 //! Manifests: from memory, the store, the tag cache (revalidated with HEAD, stale on
 //! failure) or one upstream fetch per digest and per tag.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{Method, StatusCode};
+use tracing::warn;
+
+use super::response::{
+    ApiResponse, Body, Manifest, ManifestResult, Outcome, header_digest, header_str,
+};
+use super::{MANIFEST_LIMIT, Mirror, STALE_RETRY};
+use crate::error::ApiError;
+use crate::oci::media::{self, AcceptSet};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::origin::upstream::content_length;
+use crate::tags::{TagEntry, TagKey};
+use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind};
 
 impl Mirror {
     pub(super) async fn manifest(

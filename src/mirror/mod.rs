@@ -17,37 +17,30 @@ pub use response::{ApiRequest, ApiResponse, Body, Manifest, Outcome};
 pub use upkeep::{PurgeReport, PurgeTarget};
 
 use manifests::manifest_response;
-use manifests::read_limited;
-use response::{ManifestResult, header_digest, header_str, with_api_version};
 use passthrough::Passthrough;
+use response::{ManifestResult, with_api_version};
 use upkeep::on_own_runtime;
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use http::{Method, StatusCode};
+use bytes::Bytes;
+use http::StatusCode;
 use moka::sync::Cache;
-use tracing::{debug, warn};
 
 use crate::client_auth::ClientAuth;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::fill::{BlobBody, BlobSource, Fills, wait_started};
-use crate::inventory;
+use crate::fill::Fills;
 use crate::metrics::Metrics;
-use crate::oci::media::{self, AcceptSet};
+use crate::oci::media::AcceptSet;
 use crate::oci::route::{self, Route, Target};
-use crate::oci::{Digest, Reference, RepoName, Tag};
-use crate::origin::UpstreamOrigin;
-use crate::origin::upstream::content_length;
+use crate::oci::{Digest, Reference, RepoName};
 use crate::singleflight::SingleFlight;
 use crate::store::{BlobStore, Budget, DiskStore, Storage};
-use crate::tags::{SavedTag, TagCache, TagEntry, TagKey};
-use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::tags::{TagCache, TagKey};
+use crate::upstream::Upstreams;
 
 /// Manifests larger than this are refused (the distribution spec's suggested limit).
 pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;

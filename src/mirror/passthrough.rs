@@ -1,8 +1,12 @@
 //! Calls passed on to the upstream as they are: tag lists and referrers, with pagination
 //! links pointed back at the name the client used.
 
-#[allow(unused_imports)]
-use super::*;
+use super::manifests::read_limited;
+use super::response::{ApiResponse, Body, Outcome, header_str};
+use super::{Mirror, PASSTHROUGH_LIMIT};
+use crate::error::ApiError;
+use crate::oci::RepoName;
+use crate::upstream::Upstream;
 
 impl Mirror {
     pub(super) async fn passthrough(
@@ -78,5 +82,4 @@ mod tests {
         let elsewhere = r#"<https://other/x>; rel="next""#;
         assert_eq!(rewrite_link(elsewhere, &upstream, &asked), elsewhere);
     }
-
 }

@@ -1,7 +1,13 @@
 //! What a handler answers: the request as the mirror sees it, the response and its body.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::error::ApiError;
+use crate::fill::BlobBody;
+use crate::oci::Digest;
 
 /// A request as the mirror needs it.
 pub struct ApiRequest {

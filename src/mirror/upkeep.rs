@@ -1,7 +1,16 @@
 //! Purges, pins and the state saved for a restart.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::Mirror;
+use crate::error::ApiError;
+use crate::inventory;
+use crate::oci::{Digest, RepoName, Tag};
+use crate::tags::SavedTag;
 
 pub enum PurgeTarget {
     Digest(Digest),
