@@ -210,14 +210,6 @@ impl Fills {
     }
 }
 
-/// Whether a fill's blob can be kept once verified.
-enum Keep {
-    Yes,
-    /// Larger than the cache can hold, or no room for it now: streamed to its readers, then
-    /// let go.
-    No(StoreError),
-}
-
 /// One fill: what its task needs.
 struct Fill {
     digest: Digest,
@@ -247,7 +239,7 @@ impl Fill {
             Ok(ingest) => self
                 .stream(ingest)
                 .await
-                .and_then(|(ingest, keep)| self.verify(ingest, keep)),
+                .and_then(|ingest| self.verify(ingest)),
             Err(e) => Err(FillError::Cache(format!("cannot start writing: {e}"))),
         };
         let outcome = if verified.is_ok() {
@@ -258,10 +250,10 @@ impl Fill {
         let o = self.origin();
         metrics.fill_finished(o.kind.as_str(), &o.name, outcome, started.elapsed());
         match verified {
-            Ok((ingest, proof, keep)) => {
+            Ok((ingest, proof)) => {
                 self.tx
                     .send_replace(FillState::Verified { len: proof.len() });
-                self.finish(ingest, proof, keep).await;
+                self.finish(ingest, proof).await;
                 metrics.record_usage(budget.usage());
             }
             Err(err) => {
@@ -287,13 +279,9 @@ impl Fill {
         metrics.fills_in_flight.dec();
     }
 
-    fn verify(
-        &self,
-        mut ingest: Ingest,
-        keep: Keep,
-    ) -> Result<(Ingest, Verified, Keep), FillError> {
+    fn verify(&self, mut ingest: Ingest) -> Result<(Ingest, Verified), FillError> {
         match ingest.verify() {
-            Ok(proof) => Ok((ingest, proof, keep)),
+            Ok(proof) => Ok((ingest, proof)),
             Err(StoreError::DigestMismatch { expected, actual }) => {
                 Err(FillError::DigestMismatch {
                     origin: self.origin().clone(),
@@ -306,23 +294,21 @@ impl Fill {
     }
 
     /// Commit a verified blob, unless it cannot or should not be kept.
-    async fn finish(&self, ingest: Ingest, proof: Verified, keep: Keep) {
+    async fn finish(&self, ingest: Ingest, proof: Verified) {
         let (digest, origin, len) = (&self.digest, self.origin(), proof.len());
-        let committed = match keep {
-            Keep::No(e) => Err(e),
-            // Given up on a write error or for outgrowing the cache: counted when it happened.
-            Keep::Yes if ingest.is_discarded() => {
-                info!(%digest, %origin, bytes = len, "blob served pass-through, not kept");
-                return;
-            }
-            Keep::Yes => ingest.commit(proof).await,
-        };
-        match committed {
+        if ingest.is_discarded() {
+            info!(%digest, %origin, bytes = len, "blob served pass-through after a cache write error, not kept");
+            return;
+        }
+        if let Some(reason) = ingest.spooled() {
+            self.not_kept(len, reason);
+            return;
+        }
+        match ingest.commit(proof).await {
             Ok(_) => info!(%digest, %origin, bytes = len, "blob cached"),
+            // Pins grew while it was written: it no longer fits.
             Err(e @ (StoreError::TooLarge { .. } | StoreError::NoRoom { .. })) => {
-                let m = &self.metrics;
-                m.upstream_event(&m.oversize_blobs, origin.kind.as_str(), &origin.name);
-                info!(%digest, %origin, bytes = len, reason = %e, "blob served pass-through, not kept");
+                self.not_kept(len, &e)
             }
             Err(e) => {
                 self.metrics.store_write_error("blob", &e);
@@ -331,9 +317,16 @@ impl Fill {
         }
     }
 
+    /// A verified blob the cache has no room for: served to its readers, then let go.
+    fn not_kept(&self, len: u64, reason: &StoreError) {
+        let (digest, origin, m) = (&self.digest, self.origin(), &self.metrics);
+        m.upstream_event(&m.oversize_blobs, origin.kind.as_str(), &origin.name);
+        info!(%digest, %origin, bytes = len, %reason, "blob served pass-through, not kept");
+    }
+
     /// Fetch the body (resuming it when it breaks) through the writer; returns the ingest with
     /// everything hashed.
-    async fn stream(self: &Arc<Self>, mut ingest: Ingest) -> Result<(Ingest, Keep), FillError> {
+    async fn stream(self: &Arc<Self>, mut ingest: Ingest) -> Result<Ingest, FillError> {
         match ingest.reader() {
             Some(reader) => {
                 let _ = self.data.file.set(reader);
@@ -343,24 +336,18 @@ impl Fill {
         }
         let body = self.origin.fetch(&self.digest, 0).await?;
         let len = body.len;
-        let keep = match len {
-            // Room is made before the first byte lands, so the disk never holds more than allowed.
-            Some(len) => match ingest.reserve(len).await {
-                Ok(()) => Keep::Yes,
-                // Not a byte of it goes to the store, which must stay within its budget; the
-                // window keeps what the readers need.
+        // Room is made before the first byte lands, so the store never holds more than its
+        // budget. A blob that gets none is spooled: written outside the budget, so that readers
+        // who join can still read it back, and deleted when the fill ends.
+        if let Some(len) = len {
+            match ingest.reserve(len).await {
+                Ok(()) => {}
                 Err(e @ (StoreError::TooLarge { .. } | StoreError::NoRoom { .. })) => {
-                    ingest.discard();
-                    self.data.tail().passthrough = true;
-                    Keep::No(e)
+                    ingest.spool(e)
                 }
-                Err(e) => {
-                    self.give_up_file(&mut ingest, &e);
-                    Keep::Yes
-                }
-            },
-            None => Keep::Yes,
-        };
+                Err(e) => self.give_up_file(&mut ingest, &e),
+            }
+        }
         let (to_writer, batches) = mpsc::unbounded_channel();
         let writer = self.writer(ingest, batches);
         self.tx
@@ -370,7 +357,7 @@ impl Fill {
         let ingest = writer
             .await
             .map_err(|e| FillError::Cache(format!("cache writer: {e}")))?;
-        streamed.map(|()| (ingest, keep))
+        streamed.map(|()| ingest)
     }
 
     /// Receive the body into the window, resuming it from the origin when it breaks.
@@ -522,7 +509,7 @@ impl Fill {
     }
 
     /// After a write error: delete the temp file, count and log it (once per fill), and go on
-    /// as a pass-through. A blob that outgrew the room it could have is not an error.
+    /// as a pass-through.
     fn give_up_file(&self, ingest: &mut Ingest, err: &StoreError) {
         ingest.discard();
         {
@@ -532,12 +519,6 @@ impl Fill {
         }
         self.data.room.notify_one();
         let (digest, origin) = (&self.digest, self.origin());
-        if matches!(err, StoreError::TooLarge { .. } | StoreError::NoRoom { .. }) {
-            let m = &self.metrics;
-            m.upstream_event(&m.oversize_blobs, origin.kind.as_str(), &origin.name);
-            info!(%digest, %origin, reason = %err, "blob outgrew the room the cache has; serving it pass-through");
-            return;
-        }
         self.metrics.store_write_error("blob", err);
         warn!(%digest, %origin, error = %err,
             "cache write failed; serving this blob pass-through without keeping it");

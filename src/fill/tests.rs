@@ -222,6 +222,9 @@ impl ObjectWriter for FullWriter {
     fn discard(&mut self) {
         self.inner.discard()
     }
+    fn unbudgeted(&mut self) {
+        self.inner.unbudgeted()
+    }
     fn written(&self) -> u64 {
         self.inner.written()
     }

@@ -333,6 +333,7 @@ impl BlobStore for DiskStore {
             reserved: 0,
             committed: false,
             discarded: false,
+            unbudgeted: false,
             shared: self.shared.clone(),
         };
         Ok(Ingest::new(digest, Box::new(writer)))
@@ -434,6 +435,8 @@ struct DiskWriter {
     reserved: u64,
     committed: bool,
     discarded: bool,
+    /// Written outside the budget: never committed.
+    unbudgeted: bool,
     shared: Arc<Shared>,
 }
 
@@ -475,7 +478,7 @@ impl ObjectWriter for DiskWriter {
         let end = self.written + bytes.len() as u64;
         // A blob without a Content-Length, or one longer than announced, makes room as it
         // grows: the disk never holds more than the budget.
-        if end > self.reserved {
+        if end > self.reserved && !self.unbudgeted {
             self.reserve_more(end - self.reserved, end)?;
         }
         self.file()?.write_all_at(bytes, self.written)?;
@@ -494,12 +497,19 @@ impl ObjectWriter for DiskWriter {
         }
     }
 
+    fn unbudgeted(&mut self) {
+        self.unbudgeted = true;
+        self.shared
+            .index
+            .release(std::mem::take(&mut self.reserved));
+    }
+
     fn written(&self) -> u64 {
         self.written
     }
 
     async fn commit(mut self: Box<Self>, proof: Verified) -> Result<u64, StoreError> {
-        if self.discarded || proof.digest() != &self.digest {
+        if self.discarded || self.unbudgeted || proof.digest() != &self.digest {
             return Err(io::Error::other("commit of a discarded or another object").into());
         }
         let file = self.file.take().expect("commit runs once");

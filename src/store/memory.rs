@@ -87,6 +87,7 @@ impl BlobStore for MemoryStore {
             reserved: 0,
             shared: self.shared.clone(),
             done: false,
+            unbudgeted: false,
         };
         Ok(Ingest::new(digest, Box::new(writer)))
     }
@@ -180,6 +181,8 @@ struct MemoryWriter {
     shared: Arc<Shared>,
     /// Committed or discarded: the reservation is settled.
     done: bool,
+    /// Written outside the budget: never committed.
+    unbudgeted: bool,
 }
 
 impl MemoryWriter {
@@ -204,7 +207,7 @@ impl ObjectWriter for MemoryWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         let end = self.len() + bytes.len() as u64;
-        if end > self.reserved {
+        if end > self.reserved && !self.unbudgeted {
             let evicted = self.shared.index.reserve(end - self.reserved, end)?;
             self.reserved = end;
             self.shared.delete(evicted);
@@ -224,12 +227,19 @@ impl ObjectWriter for MemoryWriter {
         }
     }
 
+    fn unbudgeted(&mut self) {
+        self.unbudgeted = true;
+        self.shared
+            .index
+            .release(std::mem::take(&mut self.reserved));
+    }
+
     fn written(&self) -> u64 {
         self.len()
     }
 
     async fn commit(mut self: Box<Self>, proof: Verified) -> Result<u64, StoreError> {
-        if self.done || proof.digest() != &self.digest {
+        if self.done || self.unbudgeted || proof.digest() != &self.digest {
             return Err(io::Error::other("commit of a discarded or another object").into());
         }
         self.done = true;

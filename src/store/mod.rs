@@ -254,6 +254,11 @@ pub trait ObjectWriter: Send {
     /// back (open readers keep what they have).
     fn discard(&mut self);
 
+    /// Keep writing, but outside the budget: the object will not be committed (it can never
+    /// fit, or the room is taken), and its bytes are only there for the readers following it.
+    /// Gives back what was reserved.
+    fn unbudgeted(&mut self);
+
     /// Bytes written so far.
     fn written(&self) -> u64;
 
@@ -272,6 +277,8 @@ pub struct Ingest {
     writer: Box<dyn ObjectWriter>,
     /// Given up after a failed write: later bytes are only hashed.
     discarded: bool,
+    /// Why it is written outside the budget and will not be committed, if it is.
+    spooled: Option<StoreError>,
 }
 
 impl Ingest {
@@ -285,6 +292,7 @@ impl Ingest {
             hashed: 0,
             writer,
             discarded: false,
+            spooled: None,
         }
     }
 
@@ -327,11 +335,30 @@ impl Ingest {
         if self.discarded {
             return Ok(());
         }
-        let written = self.writer.write(bytes);
+        let mut written = self.writer.write(bytes);
+        if let Err(e @ (StoreError::TooLarge { .. } | StoreError::NoRoom { .. })) = written {
+            // No room for it: readers may still be following it, so it is written on.
+            self.spool(e);
+            written = self.writer.write(bytes);
+        }
         if written.is_err() {
             self.discard();
         }
         written
+    }
+
+    /// Write on outside the budget, never to be committed, because of `reason` (see
+    /// [`ObjectWriter::unbudgeted`]).
+    pub fn spool(&mut self, reason: StoreError) {
+        if self.spooled.is_none() {
+            self.writer.unbudgeted();
+            self.spooled = Some(reason);
+        }
+    }
+
+    /// Why the ingest will not be committed although it is being written, if it is spooled.
+    pub fn spooled(&self) -> Option<&StoreError> {
+        self.spooled.as_ref()
     }
 
     /// Give up keeping this object (see [`ObjectWriter::discard`]); later writes only hash.
@@ -376,6 +403,9 @@ impl Ingest {
     /// ingest, whose bytes are not all in the store.
     pub async fn commit(self, proof: Verified) -> Result<u64, StoreError> {
         let holds = proof.ingest == self.id && self.writer.written() == proof.len;
+        if let Some(reason) = self.spooled {
+            return Err(reason);
+        }
         if self.discarded || !holds {
             return Err(io::Error::other(
                 "commit of an ingest that does not hold the verified bytes",
@@ -445,6 +475,41 @@ mod tests {
             let proof = ingest.verify().expect("the bytes were right");
             assert!(ingest.commit(proof).await.is_err());
             assert_eq!(store.stat(&digest).await.unwrap(), None);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_object_with_no_room_is_written_for_its_readers_but_never_kept() {
+        each_store(async |store: &dyn BlobStore| {
+            // Written in parts, as a blob without a Content-Length is: the second part no
+            // longer fits the 1 MiB budget.
+            let part = vec![5u8; 600 * 1024];
+            let whole = [part.clone(), part.clone()].concat();
+            let digest = Digest::of(&whole);
+            let mut ingest = store.ingest(&digest).await.unwrap();
+            let reader = ingest.reader().unwrap();
+            ingest.write(&part).unwrap();
+            assert!(ingest.spooled().is_none());
+            ingest.write(&part).unwrap();
+            assert!(matches!(
+                ingest.spooled(),
+                Some(StoreError::TooLarge { .. })
+            ));
+            let (tail, _) = reader
+                .read(whole.len() as u64 - 4, 4, BytesMut::new())
+                .await
+                .unwrap();
+            assert_eq!(
+                &tail[..],
+                &whole[whole.len() - 4..],
+                "a reader lost the spooled bytes"
+            );
+            let proof = ingest.verify().unwrap();
+            let err = ingest.commit(proof).await.unwrap_err();
+            assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+            assert_eq!(store.stat(&digest).await.unwrap(), None);
+            assert!(store.list().await.unwrap().is_empty());
         })
         .await;
     }
