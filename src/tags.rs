@@ -1,18 +1,19 @@
 //! Tag → digest answers, each fresh until its upstream's `tag_ttl` runs out, kept in memory and
-//! on disk so they outlive a restart (a warm pull after a restart asks upstream nothing, and an
-//! offline site resolves tags at all). Stale entries are kept so they can be revalidated with a
-//! HEAD, or served when the upstream fails.
+//! in a [`TagStore`] so they outlive a restart (a warm pull after a restart asks upstream
+//! nothing, and an offline site resolves tags at all). Stale entries are kept so they can be
+//! revalidated with a HEAD, or served when the upstream fails.
 //!
-//! On disk: `<cache.dir>/tags/<upstream>/<repository>/_tags/<tag>/<accept set>`, one small file
-//! per answer holding `<digest> <fresh until, unix seconds>`. `_tags` cannot be a repository
-//! path component (those start with a letter or digit), so a repository nested inside another
-//! never collides with its tags.
+//! [`TagCache`] is the front callers use: a bounded memory cache that reads through to its
+//! store on a miss and writes through on every answer. The store is only persistence: the local
+//! disk ([`disk`], the default) or memory ([`memory`], for tests).
 
-use std::fs;
+pub mod disk;
+pub mod memory;
+
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use moka::sync::Cache;
 use tracing::warn;
@@ -20,7 +21,8 @@ use tracing::warn;
 use crate::oci::media::AcceptSet;
 use crate::oci::{Digest, RepoName, Tag};
 
-const TAGS_DIR: &str = "_tags";
+pub use disk::DiskTagStore;
+pub use memory::MemoryTagStore;
 
 /// A tag as one client population sees it: the answer depends on which manifest types the
 /// client accepts.
@@ -54,27 +56,71 @@ pub struct SavedTag {
     pub digest: Digest,
 }
 
+/// An answer as a store keeps it. Freshness is wall-clock time, not an `Instant`, because it
+/// has to mean the same after a restart (or on another host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub digest: Digest,
+    pub fresh_until: SystemTime,
+}
+
+/// Where tag answers are kept between restarts. Synchronous, as its callers are: answers are
+/// a few dozen bytes each, and the mirror asks for one on the request path without a
+/// `spawn_blocking` (see ARCHITECTURE.md on what an object-store implementation needs).
+///
+/// A store may lose answers (a crash, an unreadable file): a lost answer is a miss, asked
+/// upstream again, never an error. So reads return what they could read and removals are best
+/// effort; only `save` reports a failure, which the cache logs.
+pub trait TagStore: Send + Sync {
+    /// The saved answer for one key, if there is one that can be read.
+    fn load(&self, key: &TagKey) -> Option<StoredAnswer>;
+
+    /// Save (or replace) the answer for one key.
+    fn save(&self, key: &TagKey, answer: &StoredAnswer) -> io::Result<()>;
+
+    /// Forget the answer for one key.
+    fn remove(&self, key: &TagKey);
+
+    /// Every saved answer for a tag, whatever the Accept set it was asked with.
+    fn answers(&self, upstream: &str, name: &RepoName, tag: &Tag)
+    -> Vec<(AcceptSet, StoredAnswer)>;
+
+    /// Forget every answer for a tag; the Accept sets that had one.
+    fn remove_tag(&self, upstream: &str, name: &RepoName, tag: &Tag) -> Vec<AcceptSet>;
+
+    /// Forget every answer for a repository's tags (not those of repositories nested under
+    /// its name); the tags and Accept sets that had one.
+    fn remove_repository(&self, upstream: &str, name: &RepoName) -> Vec<(Tag, AcceptSet)>;
+
+    /// Every saved answer, in no particular order. For reports and purges, not requests.
+    fn list(&self) -> Vec<SavedTag>;
+}
+
 pub struct TagCache {
     entries: Cache<TagKey, TagEntry>,
-    dir: PathBuf,
+    store: Arc<dyn TagStore>,
 }
 
 impl TagCache {
-    /// Tags under `<cache_dir>/tags`, with at most `max_entries` held in memory.
+    /// Tags on disk under `<cache_dir>/tags`, with at most `max_entries` held in memory.
     pub fn open(cache_dir: &Path, max_entries: u64) -> io::Result<TagCache> {
-        let dir = cache_dir.join("tags");
-        fs::create_dir_all(&dir)?;
-        Ok(TagCache {
+        let store = DiskTagStore::open(cache_dir)?;
+        Ok(TagCache::with_store(Arc::new(store), max_entries))
+    }
+
+    /// Tags kept in `store`, with at most `max_entries` held in memory.
+    pub fn with_store(store: Arc<dyn TagStore>, max_entries: u64) -> TagCache {
+        TagCache {
             entries: Cache::builder().max_capacity(max_entries).build(),
-            dir,
-        })
+            store,
+        }
     }
 
     pub fn get(&self, key: &TagKey) -> Option<TagEntry> {
         if let Some(entry) = self.entries.get(key) {
             return Some(entry);
         }
-        let entry = read_entry(&self.answer_path(key))?;
+        let entry = entry_of(self.store.load(key)?);
         self.entries.insert(key.clone(), entry.clone());
         Some(entry)
     }
@@ -87,42 +133,40 @@ impl TagCache {
         name: &RepoName,
         tag: &Tag,
     ) -> Vec<(AcceptSet, TagEntry)> {
-        let dir = self.tag_dir(upstream, name, tag);
-        let Ok(files) = fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        files
-            .filter_map(Result::ok)
-            .filter_map(|f| {
-                let accept = accept_of(&f.file_name().to_string_lossy())?;
-                Some((accept, read_entry(&f.path())?))
-            })
+        self.store
+            .answers(upstream, name, tag)
+            .into_iter()
+            .map(|(accept, answer)| (accept, entry_of(answer)))
             .collect()
     }
 
     /// Record `digest` as the tag's answer, fresh for `ttl`.
     pub fn insert(&self, key: TagKey, digest: Digest, ttl: Duration) {
+        let answer = StoredAnswer {
+            digest: digest.clone(),
+            fresh_until: SystemTime::now() + ttl,
+        };
+        if let Err(e) = self.store.save(&key, &answer) {
+            // Still answered from memory; only a restart forgets it.
+            warn!(upstream = %key.upstream, name = %key.name, tag = %key.tag, error = %e,
+                  "could not save a tag answer");
+        }
         let entry = TagEntry {
             digest,
             fresh_until: Instant::now() + ttl,
         };
-        if let Err(e) = write_entry(&self.answer_path(&key), &entry, ttl) {
-            // Still answered from memory; only a restart forgets it.
-            warn!(upstream = %key.upstream, name = %key.name, tag = %key.tag, error = %e,
-                  "could not save a tag answer to disk");
-        }
         self.entries.insert(key, entry);
     }
 
     pub fn remove(&self, key: &TagKey) {
         self.entries.invalidate(key);
-        let _ = fs::remove_file(self.answer_path(key));
+        self.store.remove(key);
     }
 
     /// Forget every answer for a tag (all Accept sets); how many there were.
     pub fn remove_tag(&self, upstream: &Arc<str>, name: &RepoName, tag: &Tag) -> usize {
-        let answers = self.answers(upstream, name, tag);
-        for (accept, _) in &answers {
+        let removed = self.store.remove_tag(upstream, name, tag);
+        for accept in &removed {
             self.entries.invalidate(&TagKey {
                 upstream: upstream.clone(),
                 name: name.clone(),
@@ -130,134 +174,52 @@ impl TagCache {
                 accept: *accept,
             });
         }
-        let _ = fs::remove_dir_all(self.tag_dir(upstream, name, tag));
-        answers.len()
+        removed.len()
     }
 
-    /// Every saved answer, walking the directory. For reports and purges, not requests.
-    pub fn list(&self) -> Vec<SavedTag> {
-        let mut out = Vec::new();
-        let Ok(upstreams) = fs::read_dir(&self.dir) else {
-            return out;
-        };
-        for upstream in upstreams.filter_map(Result::ok) {
-            let name = upstream.file_name().to_string_lossy().into_owned();
-            let upstream_name: Arc<str> = Arc::from(name.as_str());
-            self.walk_repos(&upstream.path(), &upstream_name, "", &mut out);
+    /// Forget every answer for a repository's tags (all tags, all Accept sets; repositories
+    /// nested under its name keep theirs); how many there were.
+    pub fn remove_repository(&self, upstream: &Arc<str>, name: &RepoName) -> usize {
+        let removed = self.store.remove_repository(upstream, name);
+        for (tag, accept) in &removed {
+            self.entries.invalidate(&TagKey {
+                upstream: upstream.clone(),
+                name: name.clone(),
+                tag: tag.clone(),
+                accept: *accept,
+            });
         }
+        removed.len()
+    }
+
+    /// Every saved answer, sorted by upstream, repository and tag (so a repository's tags, and
+    /// a tag's answers, are adjacent). For reports and purges, not requests.
+    pub fn list(&self) -> Vec<SavedTag> {
+        let mut out = self.store.list();
         out.sort_by(|a, b| (&a.upstream, &a.name, &a.tag).cmp(&(&b.upstream, &b.name, &b.tag)));
         out
     }
-
-    /// Descend through repository path components until a `_tags` directory.
-    fn walk_repos(&self, dir: &Path, upstream: &Arc<str>, prefix: &str, out: &mut Vec<SavedTag>) {
-        let Ok(children) = fs::read_dir(dir) else {
-            return;
-        };
-        for child in children.filter_map(Result::ok) {
-            let component = child.file_name().to_string_lossy().into_owned();
-            if !child.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if component == TAGS_DIR {
-                let Ok(name) = RepoName::parse(prefix) else {
-                    continue;
-                };
-                self.collect_tags(&child.path(), upstream, &name, out);
-            } else {
-                let path = if prefix.is_empty() {
-                    component
-                } else {
-                    format!("{prefix}/{component}")
-                };
-                self.walk_repos(&child.path(), upstream, &path, out);
-            }
-        }
-    }
-
-    fn collect_tags(
-        &self,
-        dir: &Path,
-        upstream: &Arc<str>,
-        name: &RepoName,
-        out: &mut Vec<SavedTag>,
-    ) {
-        let Ok(tags) = fs::read_dir(dir) else {
-            return;
-        };
-        for tag in tags.filter_map(Result::ok) {
-            let Ok(tag) = Tag::parse(&tag.file_name().to_string_lossy()) else {
-                continue;
-            };
-            for (accept, entry) in self.answers(upstream, name, &tag) {
-                out.push(SavedTag {
-                    upstream: upstream.clone(),
-                    name: name.clone(),
-                    tag: tag.clone(),
-                    accept,
-                    digest: entry.digest,
-                });
-            }
-        }
-    }
-
-    fn repo_dir(&self, upstream: &str, name: &RepoName) -> PathBuf {
-        self.dir.join(upstream).join(name.as_str())
-    }
-
-    fn tag_dir(&self, upstream: &str, name: &RepoName, tag: &Tag) -> PathBuf {
-        self.repo_dir(upstream, name)
-            .join(TAGS_DIR)
-            .join(tag.as_str())
-    }
-
-    fn answer_path(&self, key: &TagKey) -> PathBuf {
-        self.tag_dir(&key.upstream, &key.name, &key.tag)
-            .join(format!("{:x}", key.accept.bits()))
-    }
 }
 
-fn accept_of(file_name: &str) -> Option<AcceptSet> {
-    AcceptSet::from_bits(u8::from_str_radix(file_name, 16).ok()?)
-}
-
-fn read_entry(path: &Path) -> Option<TagEntry> {
-    let text = fs::read_to_string(path).ok()?;
-    let parsed = text.trim_end().split_once(' ').and_then(|(digest, until)| {
-        Some((Digest::parse(digest).ok()?, until.parse::<u64>().ok()?))
-    });
-    let Some((digest, until)) = parsed else {
-        warn!(path = %path.display(), "ignoring a malformed tag file");
-        return None;
-    };
-    let until = UNIX_EPOCH + Duration::from_secs(until);
-    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
-    Some(TagEntry {
-        digest,
+/// A stored answer on this process's clock: freshness left now, counted from now.
+fn entry_of(answer: StoredAnswer) -> TagEntry {
+    let left = answer
+        .fresh_until
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    TagEntry {
+        digest: answer.digest,
         fresh_until: Instant::now() + left,
-    })
+    }
 }
 
-/// Written to a temp name and renamed, so a reader never sees half a file. Not fsync'ed: a tag
-/// answer lost in a crash is asked upstream again.
-fn write_entry(path: &Path, entry: &TagEntry, ttl: Duration) -> io::Result<()> {
-    let dir = path.parent().expect("answer paths have a directory");
-    fs::create_dir_all(dir)?;
-    let until = SystemTime::now() + ttl;
-    let secs = until
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let tmp = dir.join(format!(".tmp.{:016x}", rand::random::<u64>()));
-    fs::write(&tmp, format!("{} {secs}\n", entry.digest))?;
-    fs::rename(&tmp, path)
-}
-
+/// The cache's behaviour, checked over each store: every case takes `reopen`, which builds a
+/// new cache (empty memory) over the same persisted answers, as a restart does.
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn key(accept: AcceptSet) -> TagKey {
+    pub(super) fn key(accept: AcceptSet) -> TagKey {
         TagKey {
             upstream: Arc::from("docker.io"),
             name: RepoName::parse("library/alpine").unwrap(),
@@ -266,10 +228,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn entries_go_stale_but_stay() {
+    /// Run `case` over a disk store in a temp dir and over a memory store.
+    fn on_each_store(case: fn(&dyn Fn() -> TagCache)) {
         let dir = tempfile::tempdir().unwrap();
-        let cache = TagCache::open(dir.path(), 10).unwrap();
+        case(&|| TagCache::open(dir.path(), 10).unwrap());
+        let memory = Arc::new(MemoryTagStore::default());
+        case(&|| TagCache::with_store(memory.clone(), 10));
+    }
+
+    /// One `#[test]` per case, each running it over every store.
+    macro_rules! on_each_store {
+        ($($case:ident),* $(,)?) => {
+            mod each_store {
+                $(
+                    #[test]
+                    fn $case() {
+                        super::on_each_store(super::$case);
+                    }
+                )*
+            }
+        };
+    }
+
+    on_each_store!(
+        entries_go_stale_but_stay,
+        answers_survive_a_restart_with_their_freshness,
+        a_nested_repository_does_not_collide_with_tags,
+        list_finds_nested_repositories_and_remove_tag_forgets_all_answers,
+        remove_repository_forgets_its_tags_but_not_nested_ones,
+    );
+
+    fn entries_go_stale_but_stay(reopen: &dyn Fn() -> TagCache) {
+        let cache = reopen();
         let key = key(AcceptSet::ALL);
         cache.insert(key.clone(), Digest::of(b"m"), Duration::ZERO);
         let entry = cache.get(&key).expect("stale entries are kept");
@@ -280,17 +270,15 @@ mod tests {
         assert!(cache.get(&key).is_none());
     }
 
-    #[test]
-    fn answers_survive_a_restart_with_their_freshness() {
-        let dir = tempfile::tempdir().unwrap();
+    fn answers_survive_a_restart_with_their_freshness(reopen: &dyn Fn() -> TagCache) {
         let fresh = key(AcceptSet::ALL);
         let narrow = key(AcceptSet::from_bits(0b0010).unwrap());
         {
-            let cache = TagCache::open(dir.path(), 10).unwrap();
+            let cache = reopen();
             cache.insert(fresh.clone(), Digest::of(b"a"), Duration::from_secs(600));
             cache.insert(narrow.clone(), Digest::of(b"b"), Duration::ZERO);
         }
-        let cache = TagCache::open(dir.path(), 10).unwrap();
+        let cache = reopen();
         let entry = cache.get(&fresh).unwrap();
         assert_eq!(entry.digest, Digest::of(b"a"));
         assert!(entry.is_fresh());
@@ -301,10 +289,8 @@ mod tests {
         assert_eq!(digests, vec![Digest::of(b"b"), Digest::of(b"a")]);
     }
 
-    #[test]
-    fn a_nested_repository_does_not_collide_with_tags() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = TagCache::open(dir.path(), 10).unwrap();
+    fn a_nested_repository_does_not_collide_with_tags(reopen: &dyn Fn() -> TagCache) {
+        let cache = reopen();
         let outer = key(AcceptSet::ALL);
         let inner = TagKey {
             name: RepoName::parse("library/alpine/3").unwrap(),
@@ -312,15 +298,15 @@ mod tests {
         };
         cache.insert(outer.clone(), Digest::of(b"outer"), Duration::from_secs(60));
         cache.insert(inner.clone(), Digest::of(b"inner"), Duration::from_secs(60));
-        let reopened = TagCache::open(dir.path(), 10).unwrap();
+        let reopened = reopen();
         assert_eq!(reopened.get(&outer).unwrap().digest, Digest::of(b"outer"));
         assert_eq!(reopened.get(&inner).unwrap().digest, Digest::of(b"inner"));
     }
 
-    #[test]
-    fn list_finds_nested_repositories_and_remove_tag_forgets_all_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = TagCache::open(dir.path(), 10).unwrap();
+    fn list_finds_nested_repositories_and_remove_tag_forgets_all_answers(
+        reopen: &dyn Fn() -> TagCache,
+    ) {
+        let cache = reopen();
         let outer = key(AcceptSet::ALL);
         let narrow = key(AcceptSet::from_bits(1).unwrap());
         let inner = TagKey {
@@ -351,14 +337,28 @@ mod tests {
         assert_eq!(cache.list().len(), 1);
     }
 
-    #[test]
-    fn a_corrupt_file_is_a_miss() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = TagCache::open(dir.path(), 10).unwrap();
-        let key = key(AcceptSet::ALL);
-        let path = cache.answer_path(&key);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, "not a digest\n").unwrap();
-        assert!(cache.get(&key).is_none());
+    fn remove_repository_forgets_its_tags_but_not_nested_ones(reopen: &dyn Fn() -> TagCache) {
+        let cache = reopen();
+        let v3 = key(AcceptSet::ALL);
+        let narrow = key(AcceptSet::from_bits(1).unwrap());
+        let edge = TagKey {
+            tag: Tag::parse("edge").unwrap(),
+            ..v3.clone()
+        };
+        let nested = TagKey {
+            name: RepoName::parse("library/alpine/sub").unwrap(),
+            ..v3.clone()
+        };
+        for k in [&v3, &narrow, &edge, &nested] {
+            cache.insert(k.clone(), Digest::of(b"m"), Duration::from_secs(60));
+        }
+        // Every answer is in memory now: a removal must reach it, not only the store.
+        assert_eq!(cache.remove_repository(&v3.upstream, &v3.name), 3);
+        for gone in [&v3, &narrow, &edge] {
+            assert!(cache.get(gone).is_none(), "{}", gone.tag);
+        }
+        assert!(cache.get(&nested).is_some());
+        assert!(reopen().get(&nested).is_some());
+        assert!(reopen().get(&edge).is_none());
     }
 }
