@@ -46,6 +46,8 @@ use crate::upstream::Upstreams;
 pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
 /// Tag lists and referrer indexes passed through from upstream.
 const PASSTHROUGH_LIMIT: u64 = 16 * 1024 * 1024;
+/// Tag answers kept in memory (the rest are read back from the tag store).
+pub const TAGS_IN_MEMORY: u64 = 100_000;
 /// Manifests kept in memory, by total size.
 const MEMORY_MANIFESTS: u64 = 64 * 1024 * 1024;
 /// How long a stale tag is served without asking a failing upstream again.
@@ -90,17 +92,17 @@ impl Mirror {
     ) -> anyhow::Result<Arc<Mirror>> {
         let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
         let store = open_store(&config.cache.dir, config.cache.max_size).map_err(cache_error)?;
-        Mirror::with_storage(config, metrics, Storage::of(Arc::new(store)))
+        let tags = TagCache::open(&config.cache.dir, TAGS_IN_MEMORY).map_err(cache_error)?;
+        Mirror::with_storage(config, metrics, Storage::of(Arc::new(store)), tags)
     }
 
-    /// A mirror over any store (the in-process tests run one in memory). Tags are still kept
-    /// under `cache.dir`.
+    /// A mirror over any blob store and tag cache (the in-process suite also runs on memory).
     pub fn with_storage(
         config: &Config,
         metrics: Arc<Metrics>,
         storage: Storage,
+        tags: TagCache,
     ) -> anyhow::Result<Arc<Mirror>> {
-        let cache_error = |e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display());
         let Storage {
             blobs: store,
             budget,
@@ -121,7 +123,7 @@ impl Mirror {
             fills: Fills::new(store.clone(), budget.clone(), metrics.clone()),
             store,
             budget,
-            tags: TagCache::open(&config.cache.dir, 100_000).map_err(cache_error)?,
+            tags,
             manifests: Cache::builder()
                 .max_capacity(MEMORY_MANIFESTS)
                 .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
