@@ -17,8 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use url::Url;
 
-use crate::oci::ImageRef;
-use crate::oci::route::valid_registry_host;
+use crate::oci::{ImageRef, RegistryHost};
 
 mod credentials;
 pub use credentials::{
@@ -704,13 +703,13 @@ impl Check<'_> {
     }
 
     fn host_name(&self, key: &str, name: &str) -> Result<String, ConfigError> {
-        if !valid_registry_host(name) {
-            return Err(self.invalid(
+        let host = RegistryHost::parse(name).map_err(|_| {
+            self.invalid(
                 key,
                 format!("{name:?} is not a registry host (e.g. docker.io or localhost:5000)"),
-            ));
-        }
-        Ok(name.to_ascii_lowercase())
+            )
+        })?;
+        Ok(host.into_string())
     }
 
     fn upstream_urls(&self, key: &str, raw: &RawUpstream) -> Result<Vec<Url>, ConfigError> {

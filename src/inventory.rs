@@ -5,8 +5,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::io::Read;
 
-use crate::mirror::MANIFEST_LIMIT;
-use crate::oci::manifest::{self, Platform};
+use crate::oci::manifest::{self, MANIFEST_LIMIT, Platform};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::store::DiskStore;
 use crate::tags::{SavedTag, TagCache};

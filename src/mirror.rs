@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::fill::{BlobBody, BlobSource, Fills, content_length, wait_started};
 use crate::inventory;
 use crate::metrics::Metrics;
+use crate::oci::manifest::MANIFEST_LIMIT;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::route::{self, Route, Target};
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -27,8 +28,6 @@ use crate::store::{BlobStore, DiskStore};
 use crate::tags::{SavedTag, TagCache, TagEntry, TagKey};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
 
-/// Manifests larger than this are refused (the distribution spec's suggested limit).
-pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
 /// Tag lists and referrer indexes passed through from upstream.
 const PASSTHROUGH_LIMIT: u64 = 16 * 1024 * 1024;
 /// Manifests kept in memory, by total size.
@@ -378,7 +377,7 @@ impl Mirror {
         };
         let mut resp = with_api_version(self.dispatch(&route, req, client).await);
         if let Some(ns) = &route.ns {
-            resp.headers.push(("OCI-Namespace", ns.clone()));
+            resp.headers.push(("OCI-Namespace", ns.to_string()));
         }
         if route.head {
             resp.body = Body::Empty;
@@ -416,7 +415,7 @@ impl Mirror {
         let named = route.ns.as_deref().or(route.host_prefix.as_deref());
         let (upstream, name) = match self.upstreams.resolve(named, name) {
             Ok(resolved) => resolved,
-            Err(e) => return ApiResponse::error(&e),
+            Err(e) => return ApiResponse::error(&e.into()),
         };
         if let (Some(auth), Some(client)) = (&self.client_auth, client) {
             if !auth.may_read(client, &upstream.name) {
