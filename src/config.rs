@@ -21,7 +21,8 @@ use crate::oci::{ImageRef, RegistryHost};
 
 mod credentials;
 pub use credentials::{
-    AadToken, AcrSource, CredentialSource, EcrSource, GcpSource, HelperSource, ecr_host_parts,
+    AadToken, AcrSource, CredentialSource, EcrSource, GcpSource, HelperSource, ServiceAccountKey,
+    ecr_host_parts,
 };
 
 /// The configuration used when none is given; also a commented example.
@@ -57,7 +58,8 @@ pub struct Config {
     pub limits: Limits,
 }
 
-/// `tls:`. Both files were loaded and matched once during validation.
+/// `tls:`. That both files load and match is checked after parsing (`preflight`), by code this
+/// module does not depend on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
@@ -1008,12 +1010,6 @@ impl Check<'_> {
                 DEFAULT_TLS_RELOAD,
             )?,
         };
-        crate::tls::load(&tls.cert_file, &tls.key_file).map_err(|e| {
-            self.invalid(
-                &format!("tls.{}", e.field),
-                format!("{:?} {}", e.path, e.problem),
-            )
-        })?;
         Ok(tls)
     }
 
@@ -1976,24 +1972,8 @@ upstreams:
     }
 
     #[test]
-    fn tls_errors_name_the_field_and_the_file() {
-        let (a_pem, a_key, b_key) = (tls_data("a.pem"), tls_data("a.key"), tls_data("b.key"));
-        let msg = err(&with_tls("/nonexistent/c.pem", &a_key, ""));
-        assert_contains(
-            &msg,
-            &["tls.cert_file: \"/nonexistent/c.pem\" cannot be read: "],
-        );
-        let msg = err(&with_tls(&a_pem, &b_key, ""));
-        let mismatch =
-            format!("tls.key_file: \"{b_key}\" does not match the certificate in \"{a_pem}\"");
-        assert_contains(&msg, &[&mismatch]);
-        let msg = err(&with_tls(&a_key, &a_key, ""));
-        assert_contains(
-            &msg,
-            &[&format!(
-                "tls.cert_file: \"{a_key}\" contains no PEM certificate"
-            )],
-        );
+    fn tls_errors_name_the_field() {
+        let (a_pem, a_key) = (tls_data("a.pem"), tls_data("a.key"));
         let msg = err(&with_tls(&a_pem, &a_key, "  reload_interval: 0s\n"));
         assert_contains(
             &msg,

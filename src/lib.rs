@@ -19,6 +19,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod preflight;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod singleflight;
