@@ -557,12 +557,7 @@ impl Mirror {
             reference: reference.to_string(),
         };
         let resp = upstream
-            .manifest(
-                Method::GET,
-                name,
-                &reference.to_string(),
-                &accept.header_value(),
-            )
+            .manifest(Method::GET, name, reference, &accept.header_value())
             .await
             .map_err(|e| ApiError::from_upstream(&e, not_found()))?;
         let claimed = header_digest(&resp);
@@ -680,7 +675,7 @@ impl Mirror {
             .manifest(
                 Method::HEAD,
                 &key.name,
-                key.tag.as_str(),
+                &Reference::Tag(key.tag.clone()),
                 &key.accept.header_value(),
             )
             .await;
