@@ -196,29 +196,28 @@ fn parse_ns(raw: &str) -> Result<RegistryHost, RouteError> {
     RegistryHost::parse(&decoded).map_err(|_| invalid())
 }
 
-/// Strict percent-decoding: every `%` must start a two-digit hex escape, and
-/// the result must be UTF-8. `+` is left alone (it is not a host character,
-/// so validation rejects it either way).
+/// Strict percent-decoding: every `%` must start a two-digit hex escape, and the result must be
+/// UTF-8. The `percent-encoding` crate decodes, but passes a stray `%` through as itself, so
+/// escapes are checked first. `+` is left alone (it is not a host character, so validation
+/// rejects it either way).
 fn percent_decode(raw: &str) -> Option<String> {
     let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = hex_value(*bytes.get(i + 1)?)?;
-            let lo = hex_value(*bytes.get(i + 2)?)?;
-            out.push((hi << 4) | lo);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_ok = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'%')
+        .all(|(i, _)| {
+            bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    char::from(c).to_digit(16).map(|d| d as u8)
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -555,6 +554,21 @@ mod tests {
             parse(&Method::GET, "/v2/", Some("ns")),
             Err(RouteError::NamespaceInvalid(String::new()))
         );
+    }
+
+    #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(
+            percent_decode("localhost%3A5000").as_deref(),
+            Some("localhost:5000")
+        );
+        assert_eq!(percent_decode("a%3ab").as_deref(), Some("a:b"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("plain+text").as_deref(), Some("plain+text"));
+        assert_eq!(percent_decode("").as_deref(), Some(""));
+        for bad in ["%", "%3", "a%zz", "%%41", "%4%41", "%41%", "%FF", "%C3"] {
+            assert_eq!(percent_decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
