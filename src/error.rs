@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use http::StatusCode;
 
+use crate::oci::range::RangeError;
 use crate::oci::{Digest, RouteError};
 use crate::upstream::{ResolveError, UpstreamError, UpstreamErrorKind};
 
@@ -193,6 +194,15 @@ impl From<RouteError> for ApiError {
             RouteError::TagInvalid(_) => ApiError::TagInvalid(message),
             RouteError::NotFound(_) => ApiError::NotFound(message),
             RouteError::MethodNotAllowed(_) => ApiError::Unsupported(message),
+        }
+    }
+}
+
+impl From<RangeError> for ApiError {
+    fn from(err: RangeError) -> Self {
+        let message = err.to_string();
+        match err {
+            RangeError::Unsatisfiable { len, .. } => ApiError::RangeNotSatisfiable(message, len),
         }
     }
 }

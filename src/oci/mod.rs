@@ -11,6 +11,7 @@ pub mod digest;
 pub mod host;
 pub mod manifest;
 pub mod media;
+pub mod range;
 pub mod reference;
 pub mod route;
 
