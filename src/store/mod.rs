@@ -5,6 +5,7 @@
 //! against the digest the ingest was opened for, so the store never holds a mismatched object.
 
 pub mod disk;
+pub mod lock;
 pub mod lru;
 
 use std::collections::HashSet;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use crate::oci::Digest;
 
 pub use disk::DiskStore;
+pub use lock::CacheLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
