@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use moka::sync::Cache;
 use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 use crate::config::{ClientAuthConfig, Secret};
@@ -108,15 +109,26 @@ impl ClientAuth {
     }
 }
 
-/// Compares without stopping at the first difference, so timing does not reveal a token's
-/// prefix.
+/// Compares without stopping at the first difference (`subtle`, which also keeps the compiler
+/// from turning the comparison into an early exit), so timing does not reveal a token's prefix.
+/// A length mismatch returns at once: lengths are not secret.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_compare_equal_only_when_identical() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!constant_time_eq(b"x123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!constant_time_eq(b"", b"0"));
+        assert!(constant_time_eq(b"", b""));
+    }
 
     fn auth(access: Option<Vec<(String, Vec<String>)>>) -> ClientAuth {
         let hash = bcrypt::hash("s3cret", 4).unwrap();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use dockside::client_config::{Client, ClientFile, Mirror, render};
 use dockside::config::Config;
+use dockside::preflight;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,7 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = match &args.config {
-        Some(path) => Config::load(path)?,
+        Some(path) => preflight::load(path)?,
         None => Config::embedded_default(),
     };
     let mirror = Mirror::parse(&args.mirror)?;

@@ -5,9 +5,10 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::fill::FillError;
+use crate::oci::range::RangeError;
 use crate::oci::{Digest, RouteError};
 use crate::store::StoreError;
-use crate::upstream::{UpstreamError, UpstreamErrorKind};
+use crate::upstream::{ResolveError, UpstreamError, UpstreamErrorKind};
 
 /// Everything a registry request can fail with, as the client will see it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -258,6 +259,24 @@ impl From<RouteError> for ApiError {
     }
 }
 
+impl From<RangeError> for ApiError {
+    fn from(err: RangeError) -> Self {
+        let message = err.to_string();
+        match err {
+            RangeError::Unsatisfiable { len, .. } => ApiError::RangeNotSatisfiable(message, len),
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(err: ResolveError) -> Self {
+        match err {
+            // dockside is not an open proxy: a host that names no upstream is an unknown name.
+            ResolveError::NoUpstream(_) => ApiError::NameUnknown(err.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +298,14 @@ mod tests {
         let err = ApiError::from(RouteError::MethodNotAllowed("PUT".into()));
         assert_eq!(err.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(err.code(), "UNSUPPORTED");
+    }
+
+    #[test]
+    fn an_unknown_upstream_is_name_unknown() {
+        let err = ApiError::from(ResolveError::NoUpstream("quay.io".into()));
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(err.code(), "NAME_UNKNOWN");
+        assert_eq!(err.to_string(), "no upstream is configured for \"quay.io\"");
     }
 
     fn upstream(kind: UpstreamErrorKind) -> UpstreamError {

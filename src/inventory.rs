@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use crate::mirror::MANIFEST_LIMIT;
-use crate::oci::manifest::{self, Platform};
+use crate::oci::manifest::{self, MANIFEST_LIMIT, Platform};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::store::BlobStore;
 use crate::tags::{SavedTag, TagCache};

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod origin;
+pub mod preflight;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod singleflight;

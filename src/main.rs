@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dockside::airgap::bundle::Selection;
 use dockside::airgap::commands as airgap;
 use dockside::airgap::prefetch::PlatformChoice;
-use dockside::config::Config;
+use dockside::preflight;
 use tracing_subscriber::EnvFilter;
 
 mod client_config_cli;
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config, upgrade } => {
-            let config = Config::load(&config)?;
+            let config = preflight::load(&config)?;
             let start = match upgrade {
                 true => dockside::server::Start::Upgrade,
                 false => dockside::server::Start::Fresh,
@@ -134,7 +134,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             dockside::server::run(config, start, pingora::server::UnixShutdownSignalWatch)
         }
         Command::CheckConfig { config } => {
-            let loaded = Config::load(&config)?;
+            let loaded = preflight::load(&config)?;
             println!(
                 "{}: ok ({} upstreams, default {})",
                 config.display(),
@@ -156,7 +156,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 false => PlatformChoice::parse(&platform).map_err(anyhow::Error::msg)?,
             };
             let images = airgap::images(&images, file.as_deref())?;
-            airgap::prefetch(&Config::load(&config)?, &images, &platforms)
+            airgap::prefetch(&preflight::load(&config)?, &images, &platforms)
         }
         Command::Export {
             config,
@@ -168,11 +168,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 true => Selection::All,
                 false => Selection::Images(airgap::images(&images, None)?),
             };
-            airgap::export(&Config::load(&config)?, &selection, &output)
+            airgap::export(&preflight::load(&config)?, &selection, &output)
         }
-        Command::Import { config, file } => airgap::import(&Config::load(&config)?, &file),
-        Command::Verify { config } => airgap::verify(&Config::load(&config)?),
-        Command::Du { config } => airgap::du(&Config::load(&config)?),
+        Command::Import { config, file } => airgap::import(&preflight::load(&config)?, &file),
+        Command::Verify { config } => airgap::verify(&preflight::load(&config)?),
+        Command::Du { config } => airgap::du(&preflight::load(&config)?),
     }
 }
 

@@ -215,11 +215,11 @@ pub fn run(
         Start::Fresh => {
             check_listen_addresses(&config)?;
             let lock =
-                crate::airgap::CacheLock::acquire(&config.cache.dir, crate::airgap::lock::SERVER)?;
+                crate::store::CacheLock::acquire(&config.cache.dir, crate::store::lock::SERVER)?;
             (Some(lock), Mirror::new(&config, metrics)?)
         }
         Start::Upgrade => {
-            crate::airgap::CacheLock::take_over(&config.cache.dir)?;
+            crate::store::CacheLock::take_over(&config.cache.dir)?;
             (None, Mirror::new_beside_running(&config, metrics)?)
         }
     };

@@ -4,8 +4,8 @@
 //! swapping a symlink) reaches new connections without a restart. A pair that does not load is
 //! logged and the one in use stays.
 //!
-//! This module needs only rustls (ring), not pingora, because config validation loads the pair
-//! too: `check-config` then fails on the same mistakes `serve` would.
+//! This module needs only rustls (ring), not pingora, because `preflight` loads the pair after
+//! parsing the config too: `check-config` then fails on the same mistakes `serve` would.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

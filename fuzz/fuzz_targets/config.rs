@@ -1,4 +1,5 @@
-//! `config::Config::from_yaml` on an operator's config file.
+//! `preflight::from_yaml` (`config::Config::from_yaml` and the checks after it) on an operator's
+//! config file.
 //!
 //! Properties: every error names the file it is about (the operator may run several), and an
 //! accepted config is consistent: its default upstream is one of its upstreams, names and aliases
@@ -8,6 +9,7 @@
 use std::collections::HashSet;
 
 use dockside::config::Config;
+use dockside::preflight;
 use libfuzzer_sys::fuzz_target;
 
 const ORIGIN: &str = "fuzz/origin.yaml";
@@ -16,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match Config::from_yaml(text, ORIGIN) {
+    match preflight::from_yaml(text, ORIGIN) {
         Ok(config) => check(&config),
         Err(e) => {
             let message = e.to_string();

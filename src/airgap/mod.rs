@@ -1,12 +1,11 @@
 //! The air-gap tools: fill a cache ahead of time ([`prefetch`]), carry it as one OCI image
 //! layout tar ([`bundle`]: export and import), check it ([`check`]: verify and du). Each tool
-//! opens the cache the way `serve` does, under the cache [`lock`], so it never runs beside a
-//! server on the same directory.
+//! opens the cache the way `serve` does, under the cache lock ([`crate::store::lock`]), so it
+//! never runs beside a server on the same directory.
 
 pub mod bundle;
 pub mod check;
 pub mod commands;
-pub mod lock;
 pub mod prefetch;
 pub mod progress;
 
@@ -16,9 +15,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::oci::{ImageRef, RepoName};
+use crate::store::CacheLock;
 use crate::upstream::Upstreams;
-
-pub use lock::CacheLock;
 
 /// A cache opened by a tool: the lock first (opening the store wipes `tmp/`, which would break
 /// a server's fills), then the mirror over it.

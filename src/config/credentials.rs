@@ -1,9 +1,10 @@
 //! `credentials:` of an upstream: where its Basic credentials come from when they are not a
 //! static `username` + password (cloud registries whose passwords are short-lived tokens).
 //!
-//! Everything that can be checked at start is checked here: one source per upstream, URLs,
-//! the ECR region, that a GCP key file is a service-account key with an RSA key, that a
-//! credential helper exists. Values that change at run time (AWS environment and profile files,
+//! Everything that can be checked at start without the credential code is checked here: one
+//! source per upstream, URLs, the ECR region, that a GCP key file is a service-account key, that
+//! a credential helper exists. That its private key is a usable RSA key is checked after parsing
+//! (`preflight`), by the code that signs with it. Values that change at run time (AWS environment and profile files,
 //! Azure AD token files, the helper's answer) are read when credentials are fetched.
 
 use std::path::PathBuf;
@@ -11,8 +12,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use url::Url;
 
-use super::{Check, ConfigError, RawUpstream};
-use crate::upstream::credentials::gcp;
+use super::{Check, ConfigError, RawUpstream, Secret};
 
 /// A validated credential source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,10 +41,59 @@ pub struct EcrSource {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GcpSource {
-    /// A service-account JSON key, read and checked at start.
-    KeyFile(gcp::ServiceAccountKey),
+    /// A service-account JSON key, read and checked at start; `path` is where it was read from.
+    KeyFile {
+        path: PathBuf,
+        key: ServiceAccountKey,
+    },
     /// The metadata server; `None`: GCE_METADATA_HOST or metadata.google.internal.
     Metadata { endpoint: Option<Url> },
+}
+
+/// The fields of a service-account key file that the token flow needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountKey {
+    pub client_email: String,
+    pub private_key_id: Option<String>,
+    /// PEM text; whether it is a usable RSA key is `upstream::credentials::gcp`'s to say.
+    pub private_key: Secret,
+    pub token_uri: Url,
+}
+
+#[derive(Deserialize)]
+struct KeyFile {
+    #[serde(rename = "type")]
+    kind: String,
+    client_email: String,
+    private_key_id: Option<String>,
+    private_key: String,
+    token_uri: Option<String>,
+}
+
+impl ServiceAccountKey {
+    /// Parses and checks a key file's text as a service-account key. Errors name the field,
+    /// never the key.
+    pub fn parse(text: &str) -> Result<ServiceAccountKey, String> {
+        let file: KeyFile =
+            serde_json::from_str(text).map_err(|e| format!("not a service-account key: {e}"))?;
+        if file.kind != "service_account" {
+            return Err(format!("type is {:?}, not \"service_account\"", file.kind));
+        }
+        let token_uri = file
+            .token_uri
+            .as_deref()
+            .unwrap_or("https://oauth2.googleapis.com/token");
+        let token_uri = Url::parse(token_uri)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| format!("token_uri {token_uri:?} is not an http(s) URL"))?;
+        Ok(ServiceAccountKey {
+            client_email: file.client_email,
+            private_key_id: file.private_key_id,
+            private_key: Secret::new(file.private_key),
+            token_uri,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,9 +298,12 @@ impl Check<'_> {
                 let field = format!("{key}.key_file");
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| self.invalid(&field, format!("{path:?} cannot be read: {e}")))?;
-                let parsed = gcp::ServiceAccountKey::parse(&text)
+                let key = ServiceAccountKey::parse(&text)
                     .map_err(|e| self.invalid(&field, format!("{path:?}: {e}")))?;
-                Ok(GcpSource::KeyFile(parsed))
+                Ok(GcpSource::KeyFile {
+                    path: PathBuf::from(path),
+                    key,
+                })
             }
             (None, true) => Ok(GcpSource::Metadata {
                 endpoint: match &raw.metadata_endpoint {

@@ -384,7 +384,7 @@ impl Fill {
                 return Err(err.into());
             };
             resumes += 1;
-            warn!(%origin, error = %err, from = got, total, resumes, "blob download broke; resuming");
+            warn!(%origin, error = %err, from = got, total, resumes, "blob download broke; resuming with Range");
             let m = &self.metrics;
             m.upstream_event(&m.upstream_resumes, origin.kind.as_str(), &origin.name);
             body = self.origin.fetch(&self.digest, got).await?;

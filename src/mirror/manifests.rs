@@ -11,8 +11,9 @@ use tracing::warn;
 use super::response::{
     ApiResponse, Body, Manifest, ManifestResult, Outcome, header_digest, header_str,
 };
-use super::{MANIFEST_LIMIT, Mirror, STALE_RETRY};
+use super::{Mirror, STALE_RETRY};
 use crate::error::ApiError;
+use crate::oci::manifest::MANIFEST_LIMIT;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::origin::upstream::content_length;
@@ -97,12 +98,7 @@ impl Mirror {
             reference: reference.to_string(),
         };
         let resp = upstream
-            .manifest(
-                Method::GET,
-                name,
-                &reference.to_string(),
-                &accept.header_value(),
-            )
+            .manifest(Method::GET, name, reference, &accept.header_value())
             .await
             .map_err(|e| ApiError::from_upstream(&e, not_found()))?;
         let claimed = header_digest(&resp);
@@ -220,7 +216,7 @@ impl Mirror {
             .manifest(
                 Method::HEAD,
                 &key.name,
-                key.tag.as_str(),
+                &Reference::Tag(key.tag.clone()),
                 &key.accept.header_value(),
             )
             .await;

@@ -12,7 +12,6 @@ mod passthrough;
 mod response;
 mod upkeep;
 
-pub use blobs::{Span, parse_range};
 pub use response::{ApiRequest, ApiResponse, Body, Manifest, Outcome};
 pub use upkeep::{PurgeReport, PurgeTarget};
 
@@ -42,8 +41,6 @@ use crate::store::{BlobStore, Budget, DiskStore, Storage};
 use crate::tags::{TagCache, TagKey};
 use crate::upstream::Upstreams;
 
-/// Manifests larger than this are refused (the distribution spec's suggested limit).
-pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
 /// Tag lists and referrer indexes passed through from upstream.
 const PASSTHROUGH_LIMIT: u64 = 16 * 1024 * 1024;
 /// Tag answers kept in memory (the rest are read back from the tag store).
@@ -197,7 +194,7 @@ impl Mirror {
         };
         let mut resp = with_api_version(self.dispatch(&route, req, client).await);
         if let Some(ns) = &route.ns {
-            resp.headers.push(("OCI-Namespace", ns.clone()));
+            resp.headers.push(("OCI-Namespace", ns.to_string()));
         }
         if route.head {
             resp.body = Body::Empty;
@@ -235,7 +232,7 @@ impl Mirror {
         let named = route.ns.as_deref().or(route.host_prefix.as_deref());
         let (upstream, name) = match self.upstreams.resolve(named, name) {
             Ok(resolved) => resolved,
-            Err(e) => return ApiResponse::error(&e),
+            Err(e) => return ApiResponse::error(&e.into()),
         };
         if let (Some(auth), Some(client)) = (&self.client_auth, client) {
             if !auth.may_read(client, &upstream.name) {

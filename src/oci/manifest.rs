@@ -6,6 +6,10 @@ use serde::Deserialize;
 
 use super::Digest;
 
+/// Manifests larger than this are refused (the distribution spec's suggested limit): by the
+/// mirror when one arrives from upstream, and by whatever reads one back from the store.
+pub const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+
 /// A platform as an index lists it, and as an operator names it (`linux/arm64/v8`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Platform {

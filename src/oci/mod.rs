@@ -8,12 +8,15 @@
 //! URLs and on-disk paths.
 
 pub mod digest;
+pub mod host;
 pub mod manifest;
 pub mod media;
+pub mod range;
 pub mod reference;
 pub mod route;
 
 pub use digest::Digest;
+pub use host::{HostError, RegistryHost};
 pub use reference::{ImageRef, Reference, RepoName, Tag};
 pub use route::{Route, RouteError, Target};
 

@@ -10,6 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::digest::{Digest, DigestError};
+use super::host::RegistryHost;
 use super::shown;
 
 /// Longest repository name we accept. The spec only says many clients limit
@@ -234,7 +235,7 @@ impl FromStr for Reference {
 /// `latest`.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct ImageRef {
-    pub host: Option<String>,
+    pub host: Option<RegistryHost>,
     pub name: RepoName,
     pub reference: Reference,
 }
@@ -254,10 +255,9 @@ impl ImageRef {
         };
         let (host, name) = match rest.split_once('/') {
             Some((first, name)) if looks_like_host(first) => {
-                if !super::route::valid_registry_host(first) {
-                    return Err(ReferenceError::HostInvalid(shown(first)));
-                }
-                (Some(first.to_ascii_lowercase()), name)
+                let host = RegistryHost::parse(first)
+                    .map_err(|_| ReferenceError::HostInvalid(shown(first)))?;
+                (Some(host), name)
             }
             _ => (None, rest),
         };

@@ -9,18 +9,16 @@
 use http::Method;
 
 use super::digest::Digest;
+use super::host::RegistryHost;
 use super::reference::{Reference, ReferenceError, RepoName};
 use super::shown;
-
-/// Longest registry host (with port) accepted in `?ns=`.
-const HOST_MAX: usize = 255;
 
 /// A parsed registry API request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     /// The registry host from containerd's `?ns=` mirror parameter,
     /// lowercased (host names are case-insensitive). None if absent.
-    pub ns: Option<String>,
+    pub ns: Option<RegistryHost>,
     pub target: Target,
     /// True for HEAD: same lookup as GET, but no body is sent.
     pub head: bool,
@@ -32,7 +30,7 @@ pub struct Route {
     /// (`/v2/registry.corp:5000/app/...`), lowercased. A `:` can never be part
     /// of a repository name, so such a component can only be an upstream
     /// prefix; the target's name is what follows it.
-    pub host_prefix: Option<String>,
+    pub host_prefix: Option<RegistryHost>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +94,7 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
 /// Parses the path by its last two components, since `<name>` may itself
 /// contain components called `manifests`, `blobs` or `tags`, while a
 /// reference or digest never contains `/`. The last match therefore wins.
-fn parse_path(path: &str) -> Result<(Option<String>, Target), RouteError> {
+fn parse_path(path: &str) -> Result<(Option<RegistryHost>, Target), RouteError> {
     if path == "/v2" || path == "/v2/" {
         return Ok((None, Target::Ping));
     }
@@ -114,13 +112,12 @@ fn parse_path(path: &str) -> Result<(Option<String>, Target), RouteError> {
 
 /// `registry.corp:5000/app` → (`registry.corp:5000`, `app`); names without a port are left
 /// whole (an upstream named without a port is recognised later, against the configuration).
-fn split_host_prefix(name: &str) -> Result<(Option<String>, &str), RouteError> {
+fn split_host_prefix(name: &str) -> Result<(Option<RegistryHost>, &str), RouteError> {
     match name.split_once('/') {
         Some((first, rest)) if first.contains(':') => {
-            if !valid_registry_host(first) {
-                return Err(RouteError::NameInvalid(shown(name)));
-            }
-            Ok((Some(first.to_ascii_lowercase()), rest))
+            let host =
+                RegistryHost::parse(first).map_err(|_| RouteError::NameInvalid(shown(name)))?;
+            Ok((Some(host), rest))
         }
         _ => Ok((None, name)),
     }
@@ -172,7 +169,7 @@ fn parse_reference(reference: &str) -> Result<Reference, RouteError> {
 }
 
 /// Splits the query into the validated `ns` value and everything else.
-fn split_query(query: &str) -> Result<(Option<String>, Option<String>), RouteError> {
+fn split_query(query: &str) -> Result<(Option<RegistryHost>, Option<String>), RouteError> {
     let mut ns = None;
     let mut rest: Vec<&str> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -193,70 +190,34 @@ fn split_query(query: &str) -> Result<(Option<String>, Option<String>), RouteErr
 
 /// Decodes and validates an `ns` value. containerd form-encodes it, so
 /// `localhost:5000` arrives as `localhost%3A5000`.
-fn parse_ns(raw: &str) -> Result<String, RouteError> {
+fn parse_ns(raw: &str) -> Result<RegistryHost, RouteError> {
     let invalid = || RouteError::NamespaceInvalid(shown(raw));
     let decoded = percent_decode(raw).ok_or_else(invalid)?;
-    if !valid_registry_host(&decoded) {
-        return Err(invalid());
-    }
-    Ok(decoded.to_ascii_lowercase())
+    RegistryHost::parse(&decoded).map_err(|_| invalid())
 }
 
-/// Strict percent-decoding: every `%` must start a two-digit hex escape, and
-/// the result must be UTF-8. `+` is left alone (it is not a host character,
-/// so validation rejects it either way).
+/// Strict percent-decoding: every `%` must start a two-digit hex escape, and the result must be
+/// UTF-8. The `percent-encoding` crate decodes, but passes a stray `%` through as itself, so
+/// escapes are checked first. `+` is left alone (it is not a host character, so validation
+/// rejects it either way).
 fn percent_decode(raw: &str) -> Option<String> {
     let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = hex_value(*bytes.get(i + 1)?)?;
-            let lo = hex_value(*bytes.get(i + 2)?)?;
-            out.push((hi << 4) | lo);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_ok = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'%')
+        .all(|(i, _)| {
+            bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    char::from(c).to_digit(16).map(|d| d as u8)
-}
-
-/// A registry host as clients name it: DNS labels or an IPv4 address,
-/// optionally followed by `:port`, at most 255 characters. Labels are
-/// `[A-Za-z0-9-]`, non-empty, at most 63 characters, and neither start nor
-/// end with `-`. Bracketed IPv6 hosts are not accepted.
-pub fn valid_registry_host(s: &str) -> bool {
-    if s.is_empty() || s.len() > HOST_MAX {
-        return false;
-    }
-    let (host, port) = match s.split_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (s, None),
-    };
-    host.split('.').all(valid_label) && port.is_none_or(valid_port)
-}
-
-fn valid_label(label: &str) -> bool {
-    !label.is_empty()
-        && label.len() <= 63
-        && !label.starts_with('-')
-        && !label.ends_with('-')
-        && label
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-}
-
-fn valid_port(port: &str) -> bool {
-    !port.is_empty()
-        && port.len() <= 5
-        && port.bytes().all(|c| c.is_ascii_digit())
-        && port.parse::<u16>().is_ok_and(|p| p != 0)
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -596,32 +557,26 @@ mod tests {
     }
 
     #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(
+            percent_decode("localhost%3A5000").as_deref(),
+            Some("localhost:5000")
+        );
+        assert_eq!(percent_decode("a%3ab").as_deref(), Some("a:b"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("plain+text").as_deref(), Some("plain+text"));
+        assert_eq!(percent_decode("").as_deref(), Some(""));
+        for bad in ["%", "%3", "a%zz", "%%41", "%4%41", "%41%", "%FF", "%C3"] {
+            assert_eq!(percent_decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn duplicate_ns_is_rejected() {
         assert_eq!(
             parse(&Method::GET, "/v2/", Some("ns=a.io&ns=b.io")),
             Err(RouteError::NamespaceInvalid("ns=a.io&ns=b.io".into()))
         );
-    }
-
-    #[test]
-    fn registry_host_grammar() {
-        for ok in [
-            "docker.io",
-            "localhost",
-            "localhost:5000",
-            "127.0.0.1:65535",
-            "a-b.example.com",
-            "x1",
-        ] {
-            assert!(valid_registry_host(ok), "{ok}");
-        }
-        let label63 = "a".repeat(63);
-        assert!(valid_registry_host(&label63));
-        assert!(!valid_registry_host(&"a".repeat(64)));
-        let host255 = format!("{label63}.{label63}.{label63}.{}", "b".repeat(63));
-        assert_eq!(host255.len(), 255);
-        assert!(valid_registry_host(&host255));
-        assert!(!valid_registry_host(&format!("{host255}:1")));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   mismatched object cannot be committed by any caller.
 
 pub mod disk;
+pub mod lock;
 pub mod lru;
 pub mod memory;
 
@@ -28,6 +29,7 @@ use crate::oci::Digest;
 use crate::oci::digest::DigestVerifier;
 
 pub use disk::DiskStore;
+pub use lock::CacheLock;
 pub use memory::MemoryStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 
@@ -74,6 +73,14 @@ impl UpstreamError {
     }
 }
 
+/// Why a request names no configured upstream. `error.rs` turns it into `NAME_UNKNOWN`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// An `ns` (or host prefix) that is not the name or alias of any upstream.
+    #[error("no upstream is configured for {0:?}")]
+    NoUpstream(String),
+}
+
 /// Every configured upstream, by name and alias.
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
@@ -120,12 +127,13 @@ impl Upstreams {
         &self,
         ns: Option<&str>,
         name: &RepoName,
-    ) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+    ) -> Result<(Arc<Upstream>, RepoName), ResolveError> {
         let (upstream, name) = match ns {
             Some(ns) => {
-                let upstream = self.by_name.get(&ns.to_ascii_lowercase()).ok_or_else(|| {
-                    ApiError::NameUnknown(format!("no upstream is configured for {ns:?}"))
-                })?;
+                let upstream = self
+                    .by_name
+                    .get(&ns.to_ascii_lowercase())
+                    .ok_or_else(|| ResolveError::NoUpstream(ns.to_string()))?;
                 (upstream.clone(), name.clone())
             }
             None => self.by_prefix(name),

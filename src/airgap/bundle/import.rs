@@ -15,8 +15,8 @@ use super::{ACCEPT, CHUNK, LayoutIndex, REF_NAME, REPOSITORY, TAG, UPSTREAM, clo
 use crate::airgap::OpenCache;
 use crate::airgap::prefetch::human_bytes;
 use crate::inventory::read_manifest;
-use crate::mirror::MANIFEST_LIMIT;
 use crate::oci::manifest;
+use crate::oci::manifest::MANIFEST_LIMIT;
 use crate::oci::media::AcceptSet;
 use crate::oci::{Digest, ImageRef, Reference, RepoName, Tag};
 use crate::store::{BlobStore, Ingest, StoreError, Verified};

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use url::Url;
 
 use super::{Basic, CredentialError, Http, Lease, env, send_json};
-use crate::config::{GcpSource, Secret};
+use crate::config::{GcpSource, Secret, ServiceAccountKey};
 
 pub const USERNAME: &str = "oauth2accesstoken";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -26,50 +26,10 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Google accepts assertions valid for at most one hour.
 const ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The fields of a service-account key file that the token flow needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceAccountKey {
-    pub client_email: String,
-    pub private_key_id: Option<String>,
-    pub private_key: Secret,
-    pub token_uri: Url,
-}
-
-#[derive(serde::Deserialize)]
-struct KeyFile {
-    #[serde(rename = "type")]
-    kind: String,
-    client_email: String,
-    private_key_id: Option<String>,
-    private_key: String,
-    token_uri: Option<String>,
-}
-
-impl ServiceAccountKey {
-    /// Parses and checks a key file's text: a service-account key whose private key is an RSA
-    /// PKCS#8 PEM. Errors name the field, never the key.
-    pub fn parse(text: &str) -> Result<ServiceAccountKey, String> {
-        let file: KeyFile =
-            serde_json::from_str(text).map_err(|e| format!("not a service-account key: {e}"))?;
-        if file.kind != "service_account" {
-            return Err(format!("type is {:?}, not \"service_account\"", file.kind));
-        }
-        let token_uri = file
-            .token_uri
-            .as_deref()
-            .unwrap_or("https://oauth2.googleapis.com/token");
-        let token_uri = Url::parse(token_uri)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| format!("token_uri {token_uri:?} is not an http(s) URL"))?;
-        key_pair(&file.private_key)?;
-        Ok(ServiceAccountKey {
-            client_email: file.client_email,
-            private_key_id: file.private_key_id,
-            private_key: Secret::new(file.private_key),
-            token_uri,
-        })
-    }
+/// Whether a parsed key file's private key is an RSA PKCS#8 PEM key ring can sign with: run
+/// after config parsing (`preflight`), so `check-config` refuses a key `serve` could not use.
+pub fn check_key(key: &ServiceAccountKey) -> Result<(), String> {
+    key_pair(key.private_key.expose()).map(drop)
 }
 
 fn key_pair(pem: &str) -> Result<RsaKeyPair, String> {
@@ -100,7 +60,7 @@ struct TokenAnswer {
 impl Gcp {
     pub fn new(cfg: &GcpSource, http: Http) -> anyhow::Result<Gcp> {
         Ok(match cfg {
-            GcpSource::KeyFile(key) => Gcp::Key {
+            GcpSource::KeyFile { key, .. } => Gcp::Key {
                 pair: Arc::new(key_pair(key.private_key.expose()).map_err(anyhow::Error::msg)?),
                 key: key.clone(),
                 http,
@@ -265,22 +225,28 @@ mod tests {
             .expect("the signature verifies with the key's public half");
     }
 
+    /// A key file as `check-config` takes it: parsed by config, its key checked here.
+    fn parse_checked(text: &str) -> Result<ServiceAccountKey, String> {
+        let key = ServiceAccountKey::parse(text)?;
+        check_key(&key).map(|()| key)
+    }
+
     #[test]
     fn key_file_errors_name_the_field_not_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let mut v: serde_json::Value = serde_json::from_str(&key_json(dir.path())).unwrap();
         v["type"] = "authorized_user".into();
         assert!(
-            ServiceAccountKey::parse(&v.to_string())
+            parse_checked(&v.to_string())
                 .unwrap_err()
                 .contains("authorized_user")
         );
         v["type"] = "service_account".into();
         v["private_key"] = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into();
-        let err = ServiceAccountKey::parse(&v.to_string()).unwrap_err();
+        let err = parse_checked(&v.to_string()).unwrap_err();
         assert!(err.starts_with("private_key is not"), "{err}");
-        assert!(ServiceAccountKey::parse("{}").is_err());
-        let key = ServiceAccountKey::parse(&key_json(dir.path())).unwrap();
+        assert!(parse_checked("{}").is_err());
+        let key = parse_checked(&key_json(dir.path())).unwrap();
         assert_eq!(
             format!("{key:?}").matches("PRIVATE").count(),
             0,
