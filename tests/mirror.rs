@@ -430,6 +430,7 @@ async fn tags_are_cached_then_revalidated_with_head_then_served_stale() {
     // After it: a HEAD revalidates; the tag moved, so the new manifest is fetched by digest.
     let v2 = image_manifest(&[&digest_of(b"two")]);
     let d2 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v2);
+    // The 1 s TTL, slept out in full (nothing is raced against it).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let resp = get(&url).await;
     assert_eq!(resp.headers()["docker-content-digest"], d2.as_str());

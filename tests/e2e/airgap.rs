@@ -206,11 +206,7 @@ fn prefetched_images_are_served_by_tag_with_the_upstream_gone() {
         &[],
     );
     assert!(!miss.success(), "pulling a non-prefetched image succeeded");
-    assert!(
-        miss.elapsed < Duration::from_secs(10),
-        "took {:?}",
-        miss.elapsed
-    );
+    assert!(!miss.timed_out(), "the miss must fail, not hang");
     assert!(miss.stderr.contains("manifest unknown"), "{}", miss.stderr);
 }
 
