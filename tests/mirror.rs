@@ -187,12 +187,15 @@ async fn first_byte_arrives_before_the_fill_ends() {
     // The upstream sends the first 64 KiB, then holds the rest until the gate opens.
     let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
-    let mut resp = get(&format!("{}/v2/library/x/blobs/{digest}", m.base)).await;
-    let first = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
-        .await
-        .expect("no byte reached the client while the upstream held the rest of the body")
-        .unwrap()
-        .unwrap();
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+    // The deadline only turns "nothing until the fill ends" (a hang here) into a failure.
+    let (mut resp, first) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut resp = get(&url).await;
+        let first = resp.chunk().await.unwrap().unwrap();
+        (resp, first)
+    })
+    .await
+    .expect("no byte reached the client while the upstream held the rest of the body");
     assert!(!first.is_empty());
     assert!(first[..] == data[..first.len()]);
     assert_eq!(metrics_value(&m, "dockside_cache_objects").await, Some(0.0));

@@ -167,8 +167,9 @@ impl FakeUpstream {
     }
 
     /// Stream blobs in 64 KiB chunks with this pause between them.
-    /// From now on, blob bodies (streamed in 64 KiB frames) stop after their first `at` bytes
-    /// until the returned gate is opened: a fill held in the middle, for as long as a test needs.
+    /// From now on, blob bodies (streamed in 64 KiB frames) stop at byte `at` of the blob (a
+    /// ranged answer from beyond it does not) until the returned gate is opened: a fill held in
+    /// the middle, for as long as a test needs.
     pub fn hold(&self, at: usize) -> GateOpener {
         let (open, rx) = tokio::sync::watch::channel(false);
         self.with(|s| s.gate = Some(Gate { at, open: rx }));
@@ -359,6 +360,14 @@ impl FakeUpstream {
         let mut resp = if head || (gate.is_none() && cut.is_none() && !no_length) {
             bytes_response(status, "application/octet-stream", data, head)
         } else {
+            // The gate is at a byte of the blob; this body starts at `from`.
+            let start = from.unwrap_or(0);
+            let gate = gate.and_then(|g| {
+                Some(Gate {
+                    at: g.at.checked_sub(start)?,
+                    ..g
+                })
+            });
             let stream = chunked(data, cut, gate);
             let mut resp = Response::builder()
                 .status(status)
