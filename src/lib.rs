@@ -16,6 +16,7 @@ pub mod fill;
 pub mod inventory;
 #[cfg(feature = "server")]
 pub mod limits;
+pub mod listeners;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

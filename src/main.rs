@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dockside::airgap::bundle::Selection;
 use dockside::airgap::commands as airgap;
 use dockside::airgap::prefetch::PlatformChoice;
+use dockside::listeners::Listeners;
 use dockside::preflight;
+use dockside::server::Start;
 use tracing_subscriber::EnvFilter;
 
 mod client_config_cli;
@@ -35,7 +37,9 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the mirror until SIGINT (fast) or SIGTERM (graceful, within grace_period).
+    /// Run the mirror until SIGINT (fast) or SIGTERM (graceful, within grace_period). Listens on
+    /// `listen` and `admin_listen`, or on the sockets a service manager passed (systemd socket
+    /// activation, named `registry` and `admin`).
     Serve {
         #[arg(long, short)]
         config: PathBuf,
@@ -128,8 +132,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { config, upgrade } => {
             let config = preflight::load(&config)?;
             let start = match upgrade {
-                true => dockside::server::Start::Upgrade,
-                false => dockside::server::Start::Fresh,
+                true => Start::Upgrade,
+                false => Start::Fresh(Listeners::for_serve(&config)?),
             };
             dockside::server::run(config, start, pingora::server::UnixShutdownSignalWatch)
         }

@@ -20,9 +20,14 @@ use tracing::{info, warn};
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::limits::{Connections, Deadlines};
+use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror};
 use crate::tls::{Reload, ReloadingCert};
+
+mod prebound;
+
+use prebound::Endpoints;
 
 pub struct RegistryService {
     mirror: Arc<Mirror>,
@@ -194,10 +199,10 @@ impl<W: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for MarkStopping<
 }
 
 /// How `serve` starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Start {
-    /// Bind the listeners and take the cache.
-    Fresh,
+    /// Serve on these sockets and take the cache.
+    Fresh(Listeners),
     /// `serve --upgrade`: take the listening sockets over from the server running on this
     /// config (it hands them over on SIGQUIT) and share the cache with it until it exits.
     Upgrade,
@@ -211,16 +216,16 @@ pub fn run(
     shutdown: impl ShutdownSignalWatch + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let (_lock, mirror) = match start {
-        Start::Fresh => {
-            check_listen_addresses(&config)?;
+    let upgrade = matches!(start, Start::Upgrade);
+    let (_lock, mirror, listeners) = match start {
+        Start::Fresh(listeners) => {
             let lock =
                 crate::store::CacheLock::acquire(&config.cache.dir, crate::store::lock::SERVER)?;
-            (Some(lock), Mirror::new(&config, metrics)?)
+            (Some(lock), Mirror::new(&config, metrics)?, Some(listeners))
         }
         Start::Upgrade => {
             crate::store::CacheLock::take_over(&config.cache.dir)?;
-            (None, Mirror::new_beside_running(&config, metrics)?)
+            (None, Mirror::new_beside_running(&config, metrics)?, None)
         }
     };
     mirror.start_maintenance();
@@ -244,25 +249,28 @@ pub fn run(
         .to_string_lossy()
         .into_owned();
     let opt = pingora::server::configuration::Opt {
-        upgrade: start == Start::Upgrade,
+        upgrade,
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-    if start == Start::Upgrade {
+    if upgrade {
         info!(socket = %server.configuration.upgrade_sock,
               "waiting up to 5 s for the running server's listeners: send it SIGQUIT");
     }
     server.bootstrap();
 
-    server.add_service(registry_service(&server, &config, &mirror, tls.as_ref())?);
-
-    if let Some(addr) = &config.admin_listen {
-        let mut admin = Service::new("dockside admin".to_string(), AdminApp::new(mirror.clone()));
-        admin.add_tcp(addr);
-        server.add_service(admin);
+    let (registry, admin) = prebound::endpoints(&config, listeners)?;
+    info!(listen = ?registry.keys(), tls = config.tls.is_some(), admin = ?admin.as_ref().map(Endpoints::keys),
+          cache = %config.cache.dir.display(), upstreams = config.upstreams.len(), "dockside starting");
+    let service = registry_service(&server, &config, &mirror, tls.as_ref(), registry.keys())?;
+    server.add_service(registry.serve(service));
+    if let Some(admin) = admin {
+        let mut service = Service::new("dockside admin".to_string(), AdminApp::new(mirror.clone()));
+        for key in admin.keys() {
+            service.add_tcp(key);
+        }
+        server.add_service(admin.serve(service));
     }
-    info!(listen = ?config.listen, tls = config.tls.is_some(), admin = ?config.admin_listen, cache = %config.cache.dir.display(),
-          upstreams = config.upstreams.len(), "dockside starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(MarkStopping {
             inner: shutdown,
@@ -281,6 +289,7 @@ fn registry_service(
     config: &Config,
     mirror: &Arc<Mirror>,
     tls: Option<&Arc<ReloadingCert>>,
+    addresses: &[String],
 ) -> anyhow::Result<Service<Connections<Deadlines<HttpProxy<RegistryService>>>>> {
     let service = RegistryService {
         mirror: mirror.clone(),
@@ -295,7 +304,7 @@ fn registry_service(
     let app = Deadlines::new(proxy, config.limits.clone(), metrics.clone());
     let app = Connections::new(app, config.limits.max_connections, metrics.clone());
     let mut registry = Service::new("dockside registry".to_string(), app);
-    for addr in &config.listen {
+    for addr in addresses {
         match tls {
             Some(cert) => registry.add_tls_with_settings(addr, None, tls_settings(cert)?),
             None => registry.add_tcp(addr),
@@ -343,14 +352,4 @@ fn tls_settings(cert: &Arc<ReloadingCert>) -> anyhow::Result<TlsSettings> {
     settings.set_cert_resolver(cert.clone());
     settings.enable_h2();
     Ok(settings)
-}
-
-/// pingora aborts the process on a bind error; checking first gives an operator a clear message.
-fn check_listen_addresses(config: &Config) -> anyhow::Result<()> {
-    let all = config.listen.iter().map(|a| ("listen", a));
-    for (key, addr) in all.chain(config.admin_listen.iter().map(|a| ("admin_listen", a))) {
-        std::net::TcpListener::bind(addr.as_str())
-            .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"))?;
-    }
-    Ok(())
 }

@@ -99,32 +99,36 @@ impl<K: Hash + Eq, V> Drop for ForgetOnDrop<K, V> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
+    use tokio::sync::{oneshot, watch};
+
+    /// Work that runs until `open` is sent `true`.
+    fn held(gate: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+    }
 
     #[tokio::test]
     async fn concurrent_callers_share_one_run() {
-        let flights = Arc::new(SingleFlight::<&str, usize>::new());
+        let flights = SingleFlight::<&str, usize>::new();
         let runs = Arc::new(AtomicUsize::new(0));
-        let mut handles = Vec::new();
-        for _ in 0..10 {
-            let (flights, runs) = (flights.clone(), runs.clone());
-            handles.push(tokio::spawn(async move {
-                flights
-                    .run("k", || async move {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        runs.fetch_add(1, Ordering::SeqCst) + 100
-                    })
-                    .await
-            }));
-        }
-        let mut joined = 0;
-        for h in handles {
-            let (v, j) = h.await.unwrap();
-            assert_eq!(v, 100);
-            joined += j as usize;
-        }
+        let (open, gate) = watch::channel(false);
+        let calls = (0..10).map(|_| {
+            let (runs, work) = (runs.clone(), held(&gate));
+            flights.run("k", || async move {
+                work.await;
+                runs.fetch_add(1, Ordering::SeqCst) + 100
+            })
+        });
+        let mut all = std::pin::pin!(futures_util::future::join_all(calls));
+        // One poll starts every call; the work is held, so all ten are in flight at once.
+        assert!(all.as_mut().now_or_never().is_none());
+        open.send(true).unwrap();
+        let results = all.await;
+        assert!(results.iter().all(|(v, _)| *v == 100), "{results:?}");
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert_eq!(joined, 9);
+        assert_eq!(results.iter().filter(|(_, joined)| *joined).count(), 9);
         // Finished calls are forgotten: the next call runs again.
         let (v, j) = flights.run("k", || async { 7 }).await;
         assert_eq!((v, j), (7, false));
@@ -133,15 +137,23 @@ mod tests {
     #[tokio::test]
     async fn work_survives_callers_going_away() {
         let flights = SingleFlight::<u8, u8>::new();
-        let done = Arc::new(AtomicUsize::new(0));
-        let d = done.clone();
-        let call = flights.run(1, || async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            d.fetch_add(1, Ordering::SeqCst);
+        let (open, gate) = watch::channel(false);
+        let (finished, heard) = oneshot::channel();
+        let work = held(&gate);
+        let mut call = Box::pin(flights.run(1, || async move {
+            work.await;
+            let _ = finished.send(());
             1
-        });
-        drop(tokio::time::timeout(Duration::from_millis(1), call).await);
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(done.load(Ordering::SeqCst), 1);
+        }));
+        // Started, then the only caller leaves before the work ends.
+        assert!(call.as_mut().now_or_never().is_none());
+        drop(call);
+        open.send(true).unwrap();
+        // The deadline only turns a hang (work that stopped with its caller) into a failure.
+        let heard = tokio::time::timeout(std::time::Duration::from_secs(20), heard).await;
+        assert!(
+            matches!(heard, Ok(Ok(()))),
+            "the work did not run to its end without a caller"
+        );
     }
 }

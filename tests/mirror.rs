@@ -1,6 +1,6 @@
-//! In-process tests of the whole mirror: dockside runs on free loopback ports in this process,
+//! In-process tests of the whole mirror: dockside runs on loopback ports in this process,
 //! in front of the fake upstream of `fake/`, which injects the faults a real registry won't.
-//! The end-to-end suite (tests/e2e.rs) does the same with the real binary, a real registry and
+//! The end-to-end suite (tests/e2e/) does the same with the real binary, a real registry and
 //! real clients.
 
 mod fake;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dockside::config::Config;
+use dockside::listeners::Listeners;
 use dockside::server::{ChannelShutdown, Start, run};
 use fake::{Auth, FakeUpstream, Fault, OCI_MANIFEST, digest_of};
 use reqwest::StatusCode;
@@ -43,44 +44,39 @@ impl Drop for Mirror {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Start dockside with the given `upstreams:` YAML list and tag TTL.
 async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
     start_mirror_sized(upstreams, tag_ttl, "1GiB").await
 }
 
+/// Binds the listeners first and hands them to `run`: requests made as soon as this returns
+/// wait in the sockets' backlog until the server accepts them.
 async fn start_mirror_sized(upstreams: &str, tag_ttl: &str, max_size: &str) -> Mirror {
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (registry, admin) = (bind(), bind());
+    let (addr, admin_addr) = (registry.local_addr().unwrap(), admin.local_addr().unwrap());
     let yaml = format!(
-        "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\ngrace_period: 0s\nthreads: 2\n\
+        "listen: \"{addr}\"\nadmin_listen: \"{admin_addr}\"\ngrace_period: 0s\nthreads: 2\n\
          cache:\n  dir: {}\n  max_size: {max_size}\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}",
         dir.path().display()
     );
     let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
+    let listeners = Listeners {
+        registry: vec![registry],
+        admin: Some(admin),
+    };
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let thread =
-        std::thread::spawn(move || run(config, Start::Fresh, ChannelShutdown(rx)).unwrap());
-    let mirror = Mirror {
-        base: format!("http://127.0.0.1:{port}"),
-        admin: format!("http://127.0.0.1:{admin}"),
+    let thread = std::thread::spawn(move || {
+        run(config, Start::Fresh(listeners), ChannelShutdown(rx)).unwrap()
+    });
+    Mirror {
+        base: format!("http://{addr}"),
+        admin: format!("http://{admin_addr}"),
         stop,
         thread: Some(thread),
         dir: Some(dir),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{}/v2/", mirror.base)).await.is_err() {
-        assert!(Instant::now() < deadline, "dockside did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    mirror
 }
 
 fn one_upstream(fake: &FakeUpstream, extra: &str) -> String {
@@ -116,6 +112,22 @@ async fn error_code(resp: reqwest::Response) -> String {
     v["errors"][0]["code"].as_str().unwrap().to_string()
 }
 
+/// The value of a series (name and labels, as printed) in `/metrics`.
+async fn metrics_value(m: &Mirror, series: &str) -> Option<f64> {
+    let text = metrics(m).await;
+    let value = |l: &str| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok();
+    text.lines().find_map(value)
+}
+
+/// Polls `/metrics` until it has `line` (e.g. `dockside_cache_objects 1`), failing after 30 s.
+async fn until_metric(m: &Mirror, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !metrics(m).await.lines().any(|l| l == line) {
+        assert!(Instant::now() < deadline, "/metrics never had {line}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn metrics(m: &Mirror) -> String {
     get(&format!("{}/metrics", m.admin))
         .await
@@ -129,7 +141,7 @@ async fn herd_on_a_cold_blob_makes_one_upstream_fetch() {
     let fake = FakeUpstream::start().await;
     let data = Arc::new(blob_data(4 << 20, 1));
     let digest = fake.add_blob(&data);
-    fake.set_chunk_delay(Duration::from_millis(5));
+    let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
 
     let url = format!("{}/v2/library/herd/blobs/{digest}", m.base);
@@ -143,6 +155,13 @@ async fn herd_on_a_cold_blob_makes_one_upstream_fetch() {
             })
         })
         .collect();
+    // The upstream holds the body until all 20 are in: one started the fill, 19 joined it.
+    until_metric(
+        &m,
+        "dockside_coalesced_requests_total{kind=\"blob\",upstream=\"docker.io\"} 19",
+    )
+    .await;
+    gate.open();
     for c in clients {
         c.await.unwrap();
     }
@@ -165,24 +184,27 @@ async fn first_byte_arrives_before_the_fill_ends() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(2 << 20, 2);
     let digest = fake.add_blob(&data);
-    // 32 chunks × 50 ms: the whole fill takes about 1.6 s.
-    fake.set_chunk_delay(Duration::from_millis(50));
+    // The upstream sends the first 64 KiB, then holds the rest until the gate opens.
+    let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
-    let started = Instant::now();
-    let mut resp = get(&format!("{}/v2/library/x/blobs/{digest}", m.base)).await;
-    let first = resp.chunk().await.unwrap().unwrap();
-    let first_byte = started.elapsed();
+    let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
+    // The deadline only turns "nothing until the fill ends" (a hang here) into a failure.
+    let (mut resp, first) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut resp = get(&url).await;
+        let first = resp.chunk().await.unwrap().unwrap();
+        (resp, first)
+    })
+    .await
+    .expect("no byte reached the client while the upstream held the rest of the body");
     assert!(!first.is_empty());
+    assert!(first[..] == data[..first.len()]);
+    assert_eq!(metrics_value(&m, "dockside_cache_objects").await, Some(0.0));
+    gate.open();
     let mut total = first.len();
     while let Some(chunk) = resp.chunk().await.unwrap() {
         total += chunk.len();
     }
-    let whole = started.elapsed();
     assert_eq!(total, data.len());
-    assert!(
-        first_byte * 4 < whole,
-        "first byte after {first_byte:?}, whole body after {whole:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -191,14 +213,15 @@ async fn corrupt_blob_is_never_completed_or_cached() {
     let data = blob_data(1 << 20, 3);
     let digest = fake.add_blob(&data);
     fake.set_fault(&digest, Some(Fault::Corrupt));
-    // Slow chunks keep the client streaming while the fill runs, so it has its 200 and most of
-    // the body when the digest check fails. (The held-back last byte is unit-tested in fill.rs.)
-    fake.set_chunk_delay(Duration::from_millis(5));
+    // The upstream holds the body after 64 KiB, so the client has its 200 and the start of the
+    // body when the digest check fails. (The held-back last byte is unit-tested in fill.rs.)
+    let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
 
     let resp = get(&url).await;
     assert_eq!(resp.status(), StatusCode::OK);
+    gate.open();
     assert!(
         resp.bytes().await.is_err(),
         "a corrupt body must be aborted, not completed"
@@ -211,7 +234,6 @@ async fn corrupt_blob_is_never_completed_or_cached() {
 
     // Nothing was kept: once upstream is healthy, the next request fetches again and succeeds.
     fake.set_fault(&digest, None);
-    fake.set_chunk_delay(Duration::ZERO);
     let body = get(&url).await.bytes().await.unwrap();
     assert!(body[..] == data[..]);
     assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 2);
@@ -224,7 +246,6 @@ async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
     let digest = fake.add_blob(&data);
     // Each response breaks after 100 kB: the resumes cannot finish 1 MiB.
     fake.set_fault(&digest, Some(Fault::Truncate(100_000)));
-    fake.set_chunk_delay(Duration::from_millis(10));
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
 
@@ -239,7 +260,6 @@ async fn truncated_upstream_body_aborts_the_client_and_is_refetched() {
     } else {
         assert!(resp.status().is_server_error());
     }
-    fake.set_chunk_delay(Duration::ZERO);
     fake.set_fault(&digest, None);
     let gets = || fake.count(&format!("GET /v2/library/x/blobs/{digest}"));
     // The fill resumed a few times, each resume broken again, then gave up.
@@ -253,7 +273,7 @@ async fn a_blob_larger_than_the_cache_is_served_once_to_all_and_not_kept() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(300_000, 16);
     let digest = fake.add_blob(&data);
-    fake.set_chunk_delay(Duration::from_millis(5));
+    let gate = fake.hold(64 << 10);
     let m = start_mirror_sized(&one_upstream(&fake, ""), "5m", "100KiB").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
 
@@ -263,6 +283,13 @@ async fn a_blob_larger_than_the_cache_is_served_once_to_all_and_not_kept() {
             tokio::spawn(async move { get(&url).await.bytes().await.unwrap() })
         })
         .collect();
+    // Held upstream until the other two joined the first one's fill.
+    until_metric(
+        &m,
+        "dockside_coalesced_requests_total{kind=\"blob\",upstream=\"docker.io\"} 2",
+    )
+    .await;
+    gate.open();
     for c in clients {
         assert!(
             c.await.unwrap()[..] == data[..],
@@ -291,16 +318,9 @@ async fn a_brief_upstream_outage_is_ridden_out_with_retries() {
     let digest = fake.add_blob(&data);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
-    fake.set_down(true);
-    let healer = {
-        let fake = fake.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(120)).await;
-            fake.set_down(false);
-        })
-    };
+    // Two 503s, then healthy: within the two retries an upstream gets by default.
+    fake.fail_next(2);
     let resp = get(&url).await;
-    healer.await.unwrap();
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -317,7 +337,6 @@ async fn a_body_that_breaks_once_is_resumed_with_range_and_verified_whole() {
     let data = blob_data(1 << 20, 14);
     let digest = fake.add_blob(&data);
     fake.set_fault(&digest, Some(Fault::TruncateOnce(300_000)));
-    fake.set_chunk_delay(Duration::from_millis(2));
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
 
@@ -349,21 +368,16 @@ async fn a_client_that_leaves_does_not_cancel_the_fill() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(2 << 20, 5);
     let digest = fake.add_blob(&data);
-    fake.set_chunk_delay(Duration::from_millis(10));
+    let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
 
+    // The client leaves while the upstream still holds most of the body.
     let mut resp = get(&url).await;
     resp.chunk().await.unwrap();
     drop(resp);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !metrics(&m).await.contains("dockside_cache_objects 1") {
-        assert!(
-            Instant::now() < deadline,
-            "the fill did not finish after its client left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gate.open();
+    until_metric(&m, "dockside_cache_objects 1").await;
     assert!(get(&url).await.bytes().await.unwrap()[..] == data[..]);
     assert_eq!(fake.count(&format!("GET /v2/library/x/blobs/{digest}")), 1);
 }
@@ -373,13 +387,13 @@ async fn ranges_on_cached_and_filling_blobs() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(1 << 20, 6);
     let digest = fake.add_blob(&data);
-    fake.set_chunk_delay(Duration::from_millis(20));
+    let gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/library/x/blobs/{digest}", m.base);
     let client = reqwest::Client::new();
     let range = |r: &'static str| client.get(&url).header("range", r).send();
 
-    // Cold: the fill starts with this request.
+    // Cold: the fill starts with this request, and answers it while the upstream holds the rest.
     let resp = range("bytes=1000-1999").await.unwrap();
     assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(
@@ -387,6 +401,8 @@ async fn ranges_on_cached_and_filling_blobs() {
         format!("bytes 1000-1999/{}", data.len())
     );
     assert!(resp.bytes().await.unwrap()[..] == data[1000..2000]);
+    gate.open();
+    until_metric(&m, "dockside_cache_objects 1").await;
     // Warm, suffix and open-ended.
     let resp = range("bytes=-10").await.unwrap();
     assert!(resp.bytes().await.unwrap()[..] == data[data.len() - 10..]);
@@ -417,6 +433,7 @@ async fn tags_are_cached_then_revalidated_with_head_then_served_stale() {
     // After it: a HEAD revalidates; the tag moved, so the new manifest is fetched by digest.
     let v2 = image_manifest(&[&digest_of(b"two")]);
     let d2 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v2);
+    // The 1 s TTL, slept out in full (nothing is raced against it).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let resp = get(&url).await;
     assert_eq!(resp.headers()["docker-content-digest"], d2.as_str());
@@ -710,7 +727,6 @@ async fn clients_may_speak_http2_in_cleartext() {
 async fn blobs_without_content_length_are_streamed_then_served_with_one() {
     let fake = FakeUpstream::start().await;
     fake.set_chunked(true);
-    fake.set_chunk_delay(Duration::from_millis(2));
     let data = blob_data(700_000, 9);
     let digest = fake.add_blob(&data);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
@@ -797,7 +813,8 @@ async fn head_during_a_fill_is_answered_by_the_fill() {
     let fake = FakeUpstream::start().await;
     let data = blob_data(2 << 20, 10);
     let digest = fake.add_blob(&data);
-    fake.set_chunk_delay(Duration::from_millis(30));
+    // The fill stays in flight until the gate opens (when this test ends).
+    let _gate = fake.hold(64 << 10);
     let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
     let url = format!("{}/v2/app/blobs/{digest}", m.base);
 

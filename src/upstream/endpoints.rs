@@ -238,9 +238,11 @@ mod tests {
     #[test]
     fn with_every_url_open_tries_the_one_that_reopens_first() {
         let e = endpoints(2, 1);
-        e.all()[1].record(false);
-        std::thread::sleep(Duration::from_millis(5));
-        e.all()[0].record(false);
+        // Both fail once (limit 1); the second URL first, so its cooldown ends first.
+        let now = Instant::now();
+        let fail = |i: usize, at: Instant| e.all()[i].breaker.lock().unwrap().failed(at);
+        fail(1, now);
+        fail(0, now + Duration::from_millis(5));
         assert_eq!(ports(&e), [5001]);
     }
 }

@@ -1,7 +1,7 @@
 //! Upstream faults the mirror rides out (5xx, resets, a body that breaks once, 429) and crashes
 //! it survives, each through the real binary and Debian's docker-registry behind the fault proxy.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cache::pull_and_check;
 use crate::support::dockside::{Config, Dockside, Upstream};
@@ -91,6 +91,7 @@ fn a_failing_first_url_is_skipped_by_its_circuit_breaker_and_used_again_once_it_
 
     // Recovered: after the cooldown one probe reaches it, succeeds, and traffic returns.
     mirror.set_mode(Mode::Honest);
+    // The 6 s cooldown, slept out in full (it began at the failure, before the pull of v2).
     std::thread::sleep(Duration::from_millis(6500));
     let img3 = Image::generate(3053, &[100_000], Format::Oci);
     skopeo::push(&reg, "library/failover", "v3", &img3);
@@ -110,8 +111,8 @@ fn a_failing_first_url_is_skipped_by_its_circuit_breaker_and_used_again_once_it_
 
 /// Fetches a 4 MiB blob through a proxy in `mode` (a fault on the first blob GET only) and
 /// checks that dockside resumed it with one Range GET from where the body stopped, served it
-/// whole and kept it. Returns how long the client waited.
-fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> Duration {
+/// whole and kept it. Returns the line dockside logged when it resumed.
+fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> String {
     let reg = Registry::start(Auth::None);
     let data = random_bytes(seed, 4 << 20);
     let digest = reg.push_blob("library/cut", &data);
@@ -120,9 +121,7 @@ fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> Duration {
     cfg.upstreams[0].timeouts = Some(timeouts.into());
     let d = Dockside::start(&cfg);
 
-    let started = Instant::now();
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
-    let waited = started.elapsed();
     assert_eq!(r.status, 200);
     assert_eq!(
         digest_of(&r.body),
@@ -145,7 +144,11 @@ fn resumed_once(seed: u64, mode: Mode, timeouts: &str) -> Duration {
     let r = http::get(&format!("{}/v2/library/cut/blobs/{digest}", d.url())).unwrap();
     assert_eq!(digest_of(&r.body), digest);
     assert_eq!(proxy.blob_gets(&digest).len(), 2);
-    waited
+    let log = d.log();
+    let resumed = log.lines().filter(|l| l.contains("resuming with Range"));
+    let resumed: Vec<&str> = resumed.collect();
+    assert_eq!(resumed.len(), 1, "{log}");
+    resumed[0].to_string()
 }
 
 #[test]
@@ -159,16 +162,14 @@ fn a_blob_whose_connection_breaks_once_is_resumed_with_range() {
 
 #[test]
 fn a_blob_that_stalls_mid_body_is_resumed_once_the_idle_timeout_passes() {
-    let waited = resumed_once(
+    let resumed = resumed_once(
         3102,
         Mode::StallOnce(1 << 20),
         "{ connect: 2s, first_byte: 5s, idle: 2s }",
     );
-    // The stalled connection is given up after `idle`, not after the proxy's patience (120 s).
-    assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
-        "waited {waited:?}"
-    );
+    // The stalled connection is given up by `idle`, not by the proxy's patience (120 s, which
+    // is also the test client's): dockside's own timeout ended it.
+    assert!(resumed.contains("timed out"), "{resumed}");
 }
 
 #[test]
@@ -257,6 +258,8 @@ fn kill_9_during_fills_never_leaves_a_corrupt_object_or_temp_file() {
             "round {round}: objects not matching their names: {wrong:?}"
         );
         assert_eq!(tmp, 0, "round {round}: temp files survived the restart");
+        let cache = d.cache_dir();
+        let (cached_before, _) = bytes_in(&cache);
         let clients: Vec<_> = digests
             .iter()
             .map(|dg| {
@@ -264,8 +267,18 @@ fn kill_9_during_fills_never_leaves_a_corrupt_object_or_temp_file() {
                 std::thread::spawn(move || http::get_outcome(&url))
             })
             .collect();
-        // Somewhere in the middle of the fills; a different moment each round.
-        std::thread::sleep(Duration::from_millis(15 + round * 23));
+        // Somewhere in the middle of the fills, a further point each round: once this round's
+        // fills have written (2 round + 1) / 16 of what they have to write.
+        let to_fill = (blobs.len() as u64 * (8 << 20)).saturating_sub(cached_before);
+        let point = to_fill * (2 * round + 1) / 16;
+        crate::support::wait_for(
+            "the fills to reach the crash point",
+            Duration::from_secs(60),
+            || {
+                let (cached, filling) = bytes_in(&cache);
+                (cached.saturating_sub(cached_before) + filling >= point).then_some(())
+            },
+        );
         dir = d.crash();
         for c in clients {
             let _ = c.join();
@@ -278,11 +291,25 @@ fn kill_9_during_fills_never_leaves_a_corrupt_object_or_temp_file() {
     }
     // Finally everything is served right, from the cache or fetched again.
     let d = Dockside::start_in(&cfg, dir);
-    let started = Instant::now();
     for (b, dg) in blobs.iter().zip(&digests) {
         let r = http::get(&format!("{}/v2/library/crash/blobs/{dg}", d.url())).unwrap();
         assert_eq!(r.status, 200);
         assert!(r.body == *b, "blob {dg} after the crashes");
     }
-    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// Bytes of the files under `objects/` and under `tmp/` (a fill in flight writes there).
+fn bytes_in(cache: &std::path::Path) -> (u64, u64) {
+    let size = |dir: std::path::PathBuf| -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let files = entries.flatten().filter_map(|e| e.metadata().ok());
+        files.filter(|m| m.is_file()).map(|m| m.len()).sum()
+    };
+    let shards = std::fs::read_dir(cache.join("objects/sha256"))
+        .into_iter()
+        .flatten();
+    let cached = shards.flatten().map(|s| size(s.path())).sum();
+    (cached, size(cache.join("tmp")))
 }

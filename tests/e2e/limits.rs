@@ -1,11 +1,13 @@
 //! `limits:` against raw sockets: an oversized header gets a 400 and a closed connection, a
-//! header sent a byte at a time is cut off after `header_timeout`, an idle kept-alive
-//! connection is closed after `idle_timeout`, a client that stops reading a blob is cut off
-//! after `send_timeout`, and connections beyond `max_connections` are closed at once.
+//! header sent a byte at a time is cut off by `header_timeout`, an idle kept-alive connection is
+//! closed by `idle_timeout`, a client that stops reading a blob is cut off by `send_timeout`,
+//! and connections beyond `max_connections` are closed at once. Each is told apart by what the
+//! client sees and by `dockside_client_timeouts_total`'s reason, not by a clock: every wait here
+//! is bounded far below pingora's own 60 s defaults.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::http;
@@ -107,24 +109,24 @@ fn a_request_header_sent_a_byte_at_a_time_is_cut_off_after_header_timeout() {
     // Left to pingora, every byte would restart a 60 s wait.
     let (_reg, d) = start("{header_timeout: 2s, idle_timeout: 30s}");
     let mut conn = connect(&d);
-    let started = Instant::now();
     conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: slow\r\n")
         .unwrap();
     let mut reader = conn.try_clone().unwrap();
-    let closed = std::thread::spawn(move || {
-        read_until_closed(&mut reader, Duration::from_secs(30));
-        started.elapsed()
-    });
+    let closed =
+        std::thread::spawn(move || read_until_closed(&mut reader, Duration::from_secs(30)));
+    // A trickle, one header byte every 200 ms (the slow client under test, not a wait): the
+    // header never ends, and each byte would restart pingora's own read timeout.
     for byte in b"X-Slow: 1\r\n".iter().cycle() {
         if closed.is_finished() || conn.write_all(&[*byte]).is_err() {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let after = closed.join().unwrap();
+    let answer = closed.join().unwrap();
     assert!(
-        after >= Duration::from_millis(1900) && after < Duration::from_secs(6),
-        "closed after {after:?}, header_timeout is 2s"
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
     );
     assert_eq!(
         d.metric("dockside_client_timeouts_total{reason=\"header_timeout\"}"),
@@ -141,13 +143,14 @@ fn an_idle_kept_alive_connection_is_closed_after_idle_timeout() {
         let answer = get_keep_alive(&mut conn, &d, "/v2/");
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
     }
-    let idle = Instant::now();
+    // Closed with nothing more sent, well before header_timeout (30 s) or pingora's 60 s.
     let rest = read_until_closed(&mut conn, Duration::from_secs(20));
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    let after = idle.elapsed();
-    assert!(
-        after >= Duration::from_millis(1900) && after < Duration::from_secs(6),
-        "closed after {after:?} idle, idle_timeout is 2s"
+    assert_eq!(
+        d.metric("dockside_client_timeouts_total{reason=\"header_timeout\"}")
+            .unwrap_or(0.0),
+        0.0,
+        "an idle connection is not a slow header"
     );
 }
 
@@ -167,17 +170,11 @@ fn a_client_that_stops_reading_a_blob_is_cut_off_after_send_timeout() {
     let mut first = [0u8; 1024];
     conn.read_exact(&mut first).unwrap();
     assert!(first.starts_with(b"HTTP/1.1 200 "));
-    let stalled = Instant::now();
     let timeouts = "dockside_client_timeouts_total{reason=\"send_timeout\"}";
     wait_for(
         "dockside to give up on the client",
         Duration::from_secs(20),
         || (d.metric(timeouts) == Some(1.0)).then_some(()),
-    );
-    let after = stalled.elapsed();
-    assert!(
-        after >= Duration::from_millis(1900),
-        "gave up after {after:?}, send_timeout is 2s"
     );
     // What the socket buffers held, then the end: never the whole blob.
     let rest = read_until_closed(&mut conn, Duration::from_secs(20));
@@ -203,15 +200,10 @@ fn connections_beyond_max_connections_are_closed_at_once() {
     let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
     open(3.0);
 
+    // Closed unanswered, not left waiting for its header (header_timeout is 60 s here).
     let mut extra = connect(&d);
-    let refused = Instant::now();
     let got = read_until_closed(&mut extra, Duration::from_secs(5));
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
-    assert!(
-        refused.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        refused.elapsed()
-    );
     assert_eq!(
         d.metric("dockside_client_connections_refused_total"),
         Some(1.0)

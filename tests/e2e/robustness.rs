@@ -1,8 +1,6 @@
 //! Bad days: a corrupt or truncated upstream answer, a client that hangs up mid-download, a
 //! restart, and the cache's size cap.
 
-use std::time::{Duration, Instant};
-
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::fault_proxy::{FaultProxy, Mode};
 use crate::support::image::{Format, Image, random_bytes};
@@ -98,13 +96,7 @@ fn truncated_upstream_blob_is_an_error_or_resumed_never_short() {
     let d = Dockside::start(&Config::new(vec![proxied_hub(&proxy)]));
     let url = format!("{}/v2/library/x/blobs/{digest}", d.url());
 
-    let t = Instant::now();
     let got = http::get_outcome(&url);
-    assert!(
-        t.elapsed() < Duration::from_secs(60),
-        "cut upstream: answered after {:?}",
-        t.elapsed()
-    );
     assert_not_silently_wrong("upstream cut at 1 MiB", &got, &digest);
     assert!(
         got.0 != 200 || got.1.is_err(),

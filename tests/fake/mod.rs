@@ -1,12 +1,11 @@
 //! An in-process fake upstream registry for the in-process tests: serves manifests and blobs it
 //! is given, can require Basic or Bearer auth, and injects faults (corrupt or truncated bodies,
-//! slow streaming, being down). It records every request so tests can count upstream traffic.
+//! held-back bodies, being down). It records every request so tests can count upstream traffic.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -54,9 +53,12 @@ struct State {
     /// Answer blob GETs with a 307 to `<base>/cdn/<digest>`, as Docker Hub does.
     redirect_blobs_to: Option<String>,
     down: bool,
+    /// Answer this many more requests with a 503 (then as usual).
+    fail_next: usize,
     /// Bumped to revoke every token handed out so far.
     token_generation: u32,
-    chunk_delay: Duration,
+    /// Blob bodies stop after this many bytes until the gate opens (see [`FakeUpstream::hold`]).
+    gate: Option<Gate>,
     /// Send blobs chunked, with no Content-Length.
     chunked: bool,
 }
@@ -83,7 +85,11 @@ impl FakeUpstream {
                         let fake = fake.clone();
                         async move { Ok::<_, Infallible>(fake.handle(req)) }
                     });
+                    // The smallest write buffer hyper allows: it writes each frame out before it
+                    // asks the body for the next, so the bytes before an injected break reach
+                    // the client before the connection is dropped.
                     let _ = http1::Builder::new()
+                        .max_buf_size(8192)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
@@ -161,8 +167,21 @@ impl FakeUpstream {
     }
 
     /// Stream blobs in 64 KiB chunks with this pause between them.
-    pub fn set_chunk_delay(&self, delay: Duration) {
-        self.with(|s| s.chunk_delay = delay);
+    /// From now on, blob bodies (streamed in 64 KiB frames) stop at byte `at` of the blob (a
+    /// ranged answer from beyond it does not) until the returned gate is opened: a fill held in
+    /// the middle, for as long as a test needs.
+    pub fn hold(&self, at: usize) -> GateOpener {
+        let (open, rx) = tokio::sync::watch::channel(false);
+        self.with(|s| s.gate = Some(Gate { at, open: rx }));
+        GateOpener {
+            fake: self.clone(),
+            open,
+        }
+    }
+
+    /// Answer the next `n` requests with a 503.
+    pub fn fail_next(&self, n: usize) {
+        self.with(|s| s.fail_next = n);
     }
 
     /// Requests seen so far, as "METHOD /path".
@@ -186,12 +205,14 @@ impl FakeUpstream {
         let ranged = range
             .as_deref()
             .map_or(String::new(), |r| format!(" [range {r}]"));
-        let (auth, down, delay, redirect) = self.with(|s| {
+        let (auth, down, gate, redirect) = self.with(|s| {
             s.log.push(format!("{method} {path}{authorized}{ranged}"));
+            let failing = s.fail_next > 0;
+            s.fail_next = s.fail_next.saturating_sub(1);
             (
                 s.auth.clone(),
-                s.down,
-                s.chunk_delay,
+                s.down || failing,
+                s.gate.clone(),
                 s.redirect_blobs_to.clone(),
             )
         });
@@ -205,7 +226,7 @@ impl FakeUpstream {
             return self.blob(
                 digest,
                 method == hyper::Method::HEAD,
-                delay,
+                gate,
                 range.as_deref(),
             );
         }
@@ -226,7 +247,7 @@ impl FakeUpstream {
                 resp.headers_mut().insert("location", location);
                 return resp;
             }
-            return self.blob(digest, head, delay, range.as_deref());
+            return self.blob(digest, head, gate, range.as_deref());
         }
         if let Some(repo) = rest.strip_suffix("/tags/list") {
             let body = serde_json::json!({ "name": repo, "tags": ["fake"] }).to_string();
@@ -297,7 +318,7 @@ impl FakeUpstream {
         &self,
         digest: &str,
         head: bool,
-        delay: Duration,
+        gate: Option<Gate>,
         range: Option<&str>,
     ) -> Response<Body> {
         let Some((data, fault, no_length)) = self.with(|s| {
@@ -336,10 +357,18 @@ impl FakeUpstream {
         } else {
             StatusCode::OK
         };
-        let mut resp = if head || (delay.is_zero() && cut.is_none() && !no_length) {
+        let mut resp = if head || (gate.is_none() && cut.is_none() && !no_length) {
             bytes_response(status, "application/octet-stream", data, head)
         } else {
-            let stream = chunked(data, cut, delay);
+            // The gate is at a byte of the blob; this body starts at `from`.
+            let start = from.unwrap_or(0);
+            let gate = gate.and_then(|g| {
+                Some(Gate {
+                    at: g.at.checked_sub(start)?,
+                    ..g
+                })
+            });
+            let stream = chunked(data, cut, gate);
             let mut resp = Response::builder()
                 .status(status)
                 .header("content-type", "application/octet-stream");
@@ -359,16 +388,42 @@ impl FakeUpstream {
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// A body stream of 64 KiB frames, pausing `delay` between them, failing after `cut` bytes.
+/// Where blob bodies stop, and the signal that lets them go on.
+#[derive(Clone)]
+struct Gate {
+    at: usize,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Opens the gate of [`FakeUpstream::hold`]: held bodies go on and new ones are not held.
+pub struct GateOpener {
+    fake: FakeUpstream,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl GateOpener {
+    pub fn open(&self) {
+        self.fake.with(|s| s.gate = None);
+        let _ = self.open.send(true);
+    }
+}
+
+impl Drop for GateOpener {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+/// A body stream of 64 KiB frames that waits at the `gate` (if any) and fails after `cut` bytes.
 fn chunked(
     data: Bytes,
     cut: Option<usize>,
-    delay: Duration,
+    gate: Option<Gate>,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
 {
     let end = cut.unwrap_or(data.len());
     futures_util::stream::unfold(0usize, move |pos| {
-        let data = data.clone();
+        let (data, gate) = (data.clone(), gate.clone());
         async move {
             if pos >= end {
                 return if cut.is_some() && pos < data.len() {
@@ -377,10 +432,14 @@ fn chunked(
                     None
                 };
             }
-            if pos > 0 && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            let mut next = (pos + 64 * 1024).min(end);
+            if let Some(mut gate) = gate {
+                if pos == gate.at {
+                    let _ = gate.open.wait_for(|open| *open).await;
+                } else if pos < gate.at {
+                    next = next.min(gate.at);
+                }
             }
-            let next = (pos + 64 * 1024).min(end);
             Some((Ok(Frame::data(data.slice(pos..next))), next))
         }
     })

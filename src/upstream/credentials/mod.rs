@@ -413,13 +413,13 @@ mod tests {
     }
 
     /// A helper-script source that counts its calls: a fresh password per call.
-    fn counting_provider(dir: &std::path::Path, sleep: &str) -> Provider {
+    fn counting_provider(dir: &std::path::Path) -> Provider {
         let script = dir.join("docker-credential-count");
         let counter = dir.join("count");
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\nread host\nsleep {sleep}\nn=$(($(cat {c} 2>/dev/null || echo 0) + 1))\n\
+                "#!/bin/sh\nread host\nn=$(($(cat {c} 2>/dev/null || echo 0) + 1))\n\
                  echo $n > {c}\nprintf '{{\"Username\":\"u\",\"Secret\":\"pw-%s\"}}' $n\n",
                 c = counter.display()
             ),
@@ -440,11 +440,10 @@ mod tests {
     #[tokio::test]
     async fn concurrent_callers_share_one_fetch_and_the_lease_is_cached() {
         let dir = tempfile::tempdir().unwrap();
-        let p = counting_provider(dir.path(), "0.3");
-        let calls = (0..8).map(|_| {
-            let p = p.clone();
-            tokio::spawn(async move { p.current().await.unwrap() })
-        });
+        let p = counting_provider(dir.path());
+        // join_all's first poll starts all eight before this (single-threaded) runtime can run
+        // the fetch, so they are all waiting for it at once.
+        let calls = (0..8).map(|_| p.current());
         let got = futures_util::future::join_all(calls).await;
         for b in got {
             assert_eq!(b.unwrap(), basic("pw-1"), "all share the first fetch");
@@ -455,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_lease_is_fetched_again_once() {
         let dir = tempfile::tempdir().unwrap();
-        let p = counting_provider(dir.path(), "0");
+        let p = counting_provider(dir.path());
         let first = p.current().await.unwrap();
         assert!(p.refused(&first));
         assert!(p.refused(&first), "a second refusal of the same lease");
@@ -478,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn a_due_lease_is_served_while_one_refresh_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let p = counting_provider(dir.path(), "0");
+        let p = counting_provider(dir.path());
         assert_eq!(p.current().await.unwrap(), basic("pw-1"));
         // Make it due but not expired.
         p.inner.cached.lock().unwrap().as_mut().unwrap().refresh_at = Instant::now();
@@ -495,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_background_refresh_is_not_retried_by_every_request() {
         let dir = tempfile::tempdir().unwrap();
-        let p = counting_provider(dir.path(), "0");
+        let p = counting_provider(dir.path());
         assert_eq!(p.current().await.unwrap(), basic("pw-1"));
         // From now on the helper fails, as an endpoint that is down would.
         let script = dir.path().join("docker-credential-count");
@@ -505,14 +504,26 @@ mod tests {
             format!("#!/bin/sh\necho x >> {}\nexit 1\n", calls.display()),
         )
         .unwrap();
-        p.inner.cached.lock().unwrap().as_mut().unwrap().refresh_at = Instant::now();
+        let due = Instant::now();
+        p.inner.cached.lock().unwrap().as_mut().unwrap().refresh_at = due;
+        // This call starts the background refresh; wait until it has failed and postponed the
+        // next one, then ask many more times.
+        assert_eq!(p.current().await.unwrap(), basic("pw-1"));
+        let refresh_at = || p.inner.cached.lock().unwrap().as_ref().unwrap().refresh_at;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refresh_at() == due {
+            assert!(
+                Instant::now() < deadline,
+                "the failed refresh was never postponed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         for _ in 0..20 {
             assert_eq!(
                 p.current().await.unwrap(),
                 basic("pw-1"),
                 "still valid: kept"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let failed = std::fs::read_to_string(&calls).unwrap_or_default();
         assert_eq!(
@@ -527,7 +538,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_lease_is_not_handed_out() {
         let dir = tempfile::tempdir().unwrap();
-        let p = counting_provider(dir.path(), "0");
+        let p = counting_provider(dir.path());
         p.current().await.unwrap();
         {
             let mut c = p.inner.cached.lock().unwrap();
@@ -590,8 +601,16 @@ mod tests {
             .form(&[("assertion", "secret")]);
         let err = send_text(req, "test endpoint").await.unwrap_err();
         assert!(err.message.contains("307"), "{err}");
-        let heard = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
-        assert!(heard.is_err(), "the redirect target was contacted");
+        // Had the redirect been followed, its connection would be queued on `elsewhere` by now.
+        let elsewhere = elsewhere.into_std().unwrap();
+        elsewhere.set_nonblocking(true).unwrap();
+        let heard = elsewhere.accept();
+        assert!(
+            heard
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "the redirect target was contacted: {heard:?}"
+        );
     }
 
     #[test]

@@ -1,14 +1,18 @@
-//! The real `dockside` binary: a generated config, `serve`, readiness, SIGINT on drop.
+//! The real `dockside` binary: a generated config, `serve` on listeners this test bound (socket
+//! activation), readiness, SIGINT on drop.
 
+use std::ffi::CString;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::free_ports;
 use super::proc::Proc;
-use super::registry::{Registry, port_taken};
+use super::registry::Registry;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dockside");
 
@@ -192,54 +196,59 @@ impl Dockside {
     }
 
     /// Like [`Dockside::start`], in `dir` (its `cache/` may hold an earlier run's cache).
+    ///
+    /// This test binds both listeners on port 0 and passes them to dockside by socket
+    /// activation (as systemd does), so the ports are known before dockside starts and nothing
+    /// else can take them.
     pub fn start_in(cfg: &Config, dir: TempDir) -> Dockside {
         let runs = std::fs::read_dir(dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
-        for attempt in 1.. {
-            let [port, admin_port] = free_ports::<2>();
-            let cfg_path = dir.path().join("dockside.yaml");
-            std::fs::write(
-                &cfg_path,
-                cfg.yaml(port, admin_port, &dir.path().join("cache")),
-            )
-            .unwrap();
-            let mut cmd = Command::new(BIN);
-            cmd.arg("serve").arg("--config").arg(&cfg_path);
-            cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
-            cmd.env("NO_COLOR", "1").env(
-                "RUST_LOG",
-                std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into()),
-            );
-            let mut proc = Proc::spawn(
-                "dockside",
-                cmd,
-                &dir.path().join(format!("dockside-{runs}-{attempt}.log")),
-                libc::SIGINT,
-                Duration::from_secs(20),
-            );
-            let health = format!("http://127.0.0.1:{admin_port}/healthz");
-            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-            let v2 = format!("{scheme}://127.0.0.1:{port}/v2/");
-            let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
-            // 401 too: with client_auth, /v2/ asks for credentials.
-            let answers =
-                |u: &str| super::http::get(u).is_ok_and(|r| [200, 401].contains(&r.status));
-            match proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && answers(&v2)) {
-                Ok(()) => {
-                    return Dockside {
-                        scheme,
-                        port,
-                        admin_port,
-                        proc,
-                        dir: Some(dir),
-                    };
-                }
-                Err(log) if attempt < 3 && port_taken(&log) => continue,
-                Err(log) => panic!("dockside exited early; log:\n{}", super::tail(&log, 40)),
-            }
+        let bind = || TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let (registry, admin) = (bind(), bind());
+        let port_of = |l: &TcpListener| l.local_addr().expect("local_addr").port();
+        let (port, admin_port) = (port_of(&registry), port_of(&admin));
+        let cfg_path = dir.path().join("dockside.yaml");
+        // The config names the same addresses: `serve --upgrade` and `client-config` read them.
+        std::fs::write(
+            &cfg_path,
+            cfg.yaml(port, admin_port, &dir.path().join("cache")),
+        )
+        .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("--config").arg(&cfg_path);
+        let log_level = std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into());
+        let mut env = cfg.env.clone();
+        env.push(("NO_COLOR".into(), "1".into()));
+        env.push(("RUST_LOG".into(), log_level));
+        pass_listeners(&mut cmd, &registry, &admin, &env);
+        let mut proc = Proc::spawn(
+            "dockside",
+            cmd,
+            &dir.path().join(format!("dockside-{runs}.log")),
+            libc::SIGINT,
+            Duration::from_secs(20),
+        );
+        // The child has its own copies; the ports stay dockside's until it exits.
+        drop((registry, admin));
+        let health = format!("http://127.0.0.1:{admin_port}/healthz");
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        let v2 = format!("{scheme}://127.0.0.1:{port}/v2/");
+        let ok = |u: &str| super::http::get(u).is_ok_and(|r| r.status == 200);
+        // 401 too: with client_auth, /v2/ asks for credentials.
+        let answers = |u: &str| super::http::get(u).is_ok_and(|r| [200, 401].contains(&r.status));
+        if let Err(log) =
+            proc.wait_ready("dockside /healthz and /v2/", || ok(&health) && answers(&v2))
+        {
+            panic!("dockside exited early; log:\n{}", super::tail(&log, 40));
         }
-        unreachable!()
+        Dockside {
+            scheme,
+            port,
+            admin_port,
+            proc,
+            dir: Some(dir),
+        }
     }
 
     /// `127.0.0.1:PORT` of the registry listener.
@@ -379,4 +388,81 @@ impl Drop for Dockside {
             );
         }
     }
+}
+
+/// Hands `registry` and `admin` to the child as systemd's socket activation does: descriptors 3
+/// and 4 (inherited, not closed on exec), `LISTEN_FDS=2`, `LISTEN_FDNAMES=registry:admin`, and
+/// `LISTEN_PID` set to the child's own PID, which only the child knows. The child's environment
+/// is `env` on top of this process's.
+///
+/// Every variable is set in the child with setenv: `Command::env` would make std replace the
+/// environment after `pre_exec`, dropping `LISTEN_PID`.
+fn pass_listeners(
+    cmd: &mut Command,
+    registry: &TcpListener,
+    admin: &TcpListener,
+    env: &[(String, String)],
+) {
+    assert!(
+        cmd.get_envs().next().is_none(),
+        "set variables through `env`"
+    );
+    let c = |s: &str| CString::new(s).expect("no NUL in a variable");
+    let mut vars: Vec<(CString, CString)> = env.iter().map(|(k, v)| (c(k), c(v))).collect();
+    vars.push((c("LISTEN_FDS"), c("2")));
+    vars.push((c("LISTEN_FDNAMES"), c("registry:admin")));
+    let (registry, admin) = (registry.as_raw_fd(), admin.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec, using dup/fcntl/getpid and
+    // glibc's setenv (glibc's fork leaves its allocator usable in the child), on descriptors the
+    // parent keeps open until spawn returns and strings allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Copies above 10 first, so that placing one on 3 cannot close the other.
+            let high = [dup_above(registry, 10)?, dup_above(admin, 10)?];
+            for (target, fd) in [(3, high[0]), (4, high[1])] {
+                check(libc::dup2(fd, target))?;
+                check(libc::fcntl(target, libc::F_SETFD, 0))?;
+            }
+            for (key, value) in &vars {
+                check(libc::setenv(key.as_ptr(), value.as_ptr(), 1))?;
+            }
+            let mut pid = [0u8; 16];
+            let pid = decimal(libc::getpid() as u32, &mut pid);
+            check(libc::setenv(c"LISTEN_PID".as_ptr(), pid.as_ptr(), 1))?;
+            Ok(())
+        });
+    }
+}
+
+/// A duplicate of `fd` numbered at least `min`, closed on exec.
+fn dup_above(fd: RawFd, min: RawFd) -> std::io::Result<RawFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an open descriptor.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    check(dup).map(|_| dup)
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    match rc {
+        -1 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}
+
+/// `n` in decimal as a NUL-terminated string in `buf`, without allocating (for `pre_exec`).
+fn decimal(mut n: u32, buf: &mut [u8; 16]) -> &std::ffi::CStr {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = 0;
+    std::ffi::CStr::from_bytes_with_nul(&buf[..=len]).expect("one NUL, at the end")
 }

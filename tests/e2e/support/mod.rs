@@ -16,23 +16,9 @@ pub mod serve;
 pub mod skopeo;
 pub mod token;
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
-
-/// A loopback port that was free a moment ago (bound to port 0, read, dropped).
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
-/// `N` distinct loopback ports that were free a moment ago (all held while choosing).
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("local_addr").port())
-}
 
 /// Polls `f` until it returns `Some`, or panics naming `what` once `timeout` has passed.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {

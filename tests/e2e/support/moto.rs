@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::free_port;
 use super::proc::Proc;
 
 pub const MOTO: &str = "moto[server]==5.2.5";
@@ -115,17 +114,26 @@ impl Moto {
             .prefix("e2e-moto-")
             .tempdir()
             .unwrap();
-        let port = free_port();
+        // Port 0: werkzeug binds a free port and logs it (` * Running on http://127.0.0.1:PORT`).
         let mut cmd = Command::new(venv.join("bin/moto_server"));
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        cmd.args(["-H", "127.0.0.1", "-p", "0"])
             .env("INITIAL_NO_AUTH_ACTION_COUNT", free_calls.to_string());
+        let log = dir.path().join("moto.log");
         let mut proc = Proc::spawn(
             "moto_server",
             cmd,
-            &dir.path().join("moto.log"),
+            &log,
             libc::SIGINT,
             Duration::from_secs(5),
         );
+        let mut port = None;
+        let running = || {
+            port = running_port(&super::read_lossy(&log));
+            port.is_some()
+        };
+        proc.wait_ready("moto_server to log its address", running)
+            .unwrap_or_else(|log| panic!("moto_server exited; log:\n{}", super::tail(&log, 30)));
+        let port = port.expect("logged port");
         let url = format!("http://127.0.0.1:{port}/moto-api/");
         proc.wait_ready("moto_server to answer", || {
             super::http::get(&url).is_ok_and(|r| r.status == 200)
@@ -166,4 +174,11 @@ impl Moto {
     pub fn log(&self) -> String {
         self.proc.log()
     }
+}
+
+/// The port in werkzeug's ` * Running on http://127.0.0.1:PORT`.
+fn running_port(log: &str) -> Option<u16> {
+    let rest = log.split("Running on http://127.0.0.1:").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

@@ -1,4 +1,5 @@
-//! Debian's docker-registry (CNCF distribution 2.8) as the upstream, with its access log.
+//! Debian's docker-registry (CNCF distribution 2.8) as the upstream, on a port it picks, with
+//! its access log.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,7 +10,7 @@ use tempfile::TempDir;
 use super::certs::Ca;
 use super::proc::Proc;
 use super::token::{self, TokenServer};
-use super::{free_port, wait_for};
+use super::wait_for;
 
 pub const USER: &str = "e2e-user";
 pub const PASSWORD: &str = "e2e-secret-pw";
@@ -112,53 +113,61 @@ impl Registry {
         } else {
             (String::new(), None)
         };
-        for attempt in 1.. {
-            let port = free_port();
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: warn\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: dockside-e2e-secret\n{tls_yaml}\
-                 {auth_yaml}",
-                store.display()
+        // Port 0: the registry binds a free port itself and logs it (at level info), so nothing
+        // can take the port between choosing and binding it.
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: 127.0.0.1:0\n  secret: dockside-e2e-secret\n{tls_yaml}\
+             {auth_yaml}",
+            store.display()
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&cfg_path);
+        let log = dir.path().join("registry.log");
+        let mut proc = Proc::spawn(
+            "docker-registry",
+            cmd,
+            &log,
+            libc::SIGTERM,
+            Duration::from_secs(5),
+        );
+        let mut port = None;
+        let listening = || {
+            port = listening_port(&super::read_lossy(&log));
+            port.is_some()
+        };
+        if let Err(log) = proc.wait_ready("docker-registry to log its address", listening) {
+            panic!(
+                "docker-registry exited early; log:\n{}",
+                super::tail(&log, 30)
             );
-            let cfg_path = dir.path().join("config.yml");
-            std::fs::write(&cfg_path, config).unwrap();
-            let mut cmd = Command::new("docker-registry");
-            cmd.arg("serve").arg(&cfg_path);
-            let mut proc = Proc::spawn(
-                "docker-registry",
-                cmd,
-                &dir.path().join(format!("registry-{attempt}.log")),
-                libc::SIGTERM,
-                Duration::from_secs(5),
-            );
-            let scheme = if tls { "https" } else { "http" };
-            let url = format!("{scheme}://127.0.0.1:{port}/v2/");
-            // 200 without auth, 401 with it: either way it is serving.
-            let ready = || super::http::get(&url).is_ok_and(|r| r.status == 200 || r.status == 401);
-            match proc.wait_ready("docker-registry to answer /v2/", ready) {
-                Ok(()) => {
-                    return Registry {
-                        port,
-                        ca_pem,
-                        auth,
-                        token,
-                        user: user.to_string(),
-                        password: password.to_string(),
-                        proc,
-                        frozen: false,
-                        _dir: dir,
-                    };
-                }
-                Err(log) if attempt < 3 && port_taken(&log) => continue,
-                Err(log) => panic!(
-                    "docker-registry exited early; log:\n{}",
-                    super::tail(&log, 30)
-                ),
-            }
         }
-        unreachable!()
+        let port = port.expect("logged port");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}/v2/");
+        // 200 without auth, 401 with it: either way it is serving.
+        let ready = || super::http::get(&url).is_ok_and(|r| r.status == 200 || r.status == 401);
+        if let Err(log) = proc.wait_ready("docker-registry to answer /v2/", ready) {
+            panic!(
+                "docker-registry exited early; log:\n{}",
+                super::tail(&log, 30)
+            );
+        }
+        Registry {
+            port,
+            ca_pem,
+            auth,
+            token,
+            user: user.to_string(),
+            password: password.to_string(),
+            proc,
+            frozen: false,
+            _dir: dir,
+        }
     }
 
     /// `127.0.0.1:PORT`
@@ -252,9 +261,11 @@ impl Registry {
     }
 }
 
-/// Whether a server's log says its port was taken (by a parallel test) before it bound it.
-pub fn port_taken(log: &str) -> bool {
-    log.to_ascii_lowercase().contains("address already in use")
+/// The port in distribution's `msg="listening on 127.0.0.1:PORT"` (`, tls` follows with TLS).
+fn listening_port(log: &str) -> Option<u16> {
+    let rest = log.split("msg=\"listening on 127.0.0.1:").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Parses the combined-log-format lines (`... "GET /v2/x HTTP/1.1" 200 2 "" "ua"`).
