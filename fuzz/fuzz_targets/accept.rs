@@ -7,7 +7,7 @@
 #![no_main]
 
 use dockside::oci::media::{
-    AcceptSet, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_V1_SIGNED,
+    AcceptSet, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_MANIFEST_V1_SIGNED, OCI_INDEX, OCI_MANIFEST,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -20,9 +20,15 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(AcceptSet::from_bits(set.bits()), Some(set));
     let upstream = set.header_value();
     assert!(!upstream.is_empty());
-    assert_eq!(AcceptSet::from_headers(std::iter::once(upstream.as_str())), set);
+    assert_eq!(
+        AcceptSet::from_headers(std::iter::once(upstream.as_str())),
+        set
+    );
     let joined = values.join(",");
-    assert_eq!(AcceptSet::from_headers(std::iter::once(joined.as_str())), set);
+    assert_eq!(
+        AcceptSet::from_headers(std::iter::once(joined.as_str())),
+        set
+    );
     // Types outside negotiation are always accepted.
     assert!(set.accepts(DOCKER_MANIFEST_V1_SIGNED));
     if set != AcceptSet::ALL {
