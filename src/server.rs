@@ -23,6 +23,8 @@ use crate::limits::{Connections, Deadlines};
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror};
+use crate::store::Storage;
+use crate::tags::TagCache;
 use crate::tls::{Reload, ReloadingCert};
 
 mod prebound;
@@ -199,10 +201,13 @@ impl<W: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for MarkStopping<
 }
 
 /// How `serve` starts.
-#[derive(Debug)]
 pub enum Start {
     /// Serve on these sockets and take the cache.
     Fresh(Listeners),
+    /// Serve on these sockets over the given stores instead of the disk under `cache.dir`
+    /// (the in-process suite runs the mirror on memory this way). The cache lock is still
+    /// taken.
+    FreshOn(Listeners, Box<(Storage, TagCache)>),
     /// `serve --upgrade`: take the listening sockets over from the server running on this
     /// config (it hands them over on SIGQUIT) and share the cache with it until it exits.
     Upgrade,
@@ -222,6 +227,13 @@ pub fn run(
             let lock =
                 crate::store::CacheLock::acquire(&config.cache.dir, crate::store::lock::SERVER)?;
             (Some(lock), Mirror::new(&config, metrics)?, Some(listeners))
+        }
+        Start::FreshOn(listeners, stores) => {
+            let lock =
+                crate::store::CacheLock::acquire(&config.cache.dir, crate::store::lock::SERVER)?;
+            let (storage, tags) = *stores;
+            let mirror = Mirror::with_storage(&config, metrics, storage, tags)?;
+            (Some(lock), mirror, Some(listeners))
         }
         Start::Upgrade => {
             crate::store::CacheLock::take_over(&config.cache.dir)?;

@@ -46,7 +46,8 @@ pub fn parse_range(header: Option<&str>, len: Option<u64>) -> Result<Span, Range
             let Ok(n) = suffix.parse::<u64>() else {
                 return Ok(whole);
             };
-            if n == 0 {
+            // No byte can be the last N of an empty blob (RFC 9110: unsatisfiable).
+            if n == 0 || len == 0 {
                 return Err(unsatisfiable());
             }
             (len.saturating_sub(n), len)
@@ -88,6 +89,18 @@ mod tests {
             end: Some(end),
             partial: true,
         }
+    }
+
+    #[test]
+    fn a_suffix_range_of_an_empty_blob_is_unsatisfiable() {
+        let err = parse_range(Some("bytes=-5"), Some(0)).unwrap_err();
+        assert_eq!(
+            err,
+            RangeError::Unsatisfiable {
+                header: "bytes=-5".into(),
+                len: 0
+            }
+        );
     }
 
     #[test]

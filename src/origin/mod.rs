@@ -2,7 +2,7 @@
 //!
 //! An [`Origin`] answers "the blob `digest` from byte `from` on" with its length, if known, and
 //! a stream of chunks; a resume (`from > 0`) is answered with exactly the rest of the blob or
-//! an error. The fill ([`crate::fill`]) single-flights, verifies and keeps what an origin
+//! an error. The fill single-flights, verifies and keeps what an origin
 //! sends without knowing what kind of origin it is. The upstream registry
 //! ([`upstream::UpstreamOrigin`]) is the first implementation; a peer replica and a shared
 //! storage tier are the next. Every error names the origin's kind and name.
