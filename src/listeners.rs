@@ -34,6 +34,7 @@ impl Listeners {
     pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let bind = |key: &str, addr: &str| {
             TcpListener::bind(addr)
+                .and_then(with_full_backlog)
                 .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"))
         };
         let registry = config
@@ -160,6 +161,19 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
         0 => Ok(value),
         _ => Err(std::io::Error::last_os_error()),
     }
+}
+
+/// std listens with a backlog of 128; pingora, binding itself, asks for 65535 (the kernel caps
+/// it at `net.core.somaxconn`). A burst of connecting clients must not be refused because the
+/// socket was bound here, so listen again with pingora's backlog (Linux updates it in place).
+fn with_full_backlog(listener: TcpListener) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    const BACKLOG: libc::c_int = 65535;
+    // SAFETY: the descriptor is a bound, listening TCP socket owned by `listener`.
+    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -205,6 +205,21 @@ impl BlobStore for FullDisk {
     }
 }
 
+impl Budget for FullDisk {
+    fn touch(&self, digest: &Digest) {
+        self.inner.touch(digest)
+    }
+    fn set_pins(&self, pins: std::collections::HashSet<Digest>) {
+        self.inner.set_pins(pins)
+    }
+    fn usage(&self) -> crate::store::Usage {
+        self.inner.usage()
+    }
+    fn save(&self) -> std::io::Result<bool> {
+        self.inner.save()
+    }
+}
+
 #[async_trait]
 impl ObjectWriter for FullWriter {
     fn reader(&self) -> Option<Arc<dyn ObjectReader>> {
@@ -295,13 +310,12 @@ fn fills_over(storage: &Storage, metrics: &Arc<Metrics>) -> Fills {
 async fn a_write_error_turns_the_fill_into_a_verified_pass_through() {
     let dir = tempfile::tempdir().unwrap();
     let room = Arc::new(AtomicU64::new(1 << 20));
-    let disk = Arc::new(DiskStore::open(dir.path(), u64::MAX).unwrap());
     let store = Arc::new(FullDisk {
         inner: DiskStore::open(dir.path(), u64::MAX).unwrap(),
         room: room.clone(),
     });
     let metrics = Arc::new(Metrics::new());
-    let fills = Fills::new(store.clone(), disk, metrics.clone());
+    let fills = fills_over(&Storage::of(store.clone()), &metrics);
     let data = pattern(12 << 20, 251);
     let digest = Digest::of(&data);
     let go = Arc::new(Notify::new());
@@ -346,13 +360,12 @@ async fn a_write_error_turns_the_fill_into_a_verified_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_through_is_still_verified_and_not_joined_by_later_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = Arc::new(DiskStore::open(dir.path(), u64::MAX).unwrap());
     let store = Arc::new(FullDisk {
         inner: DiskStore::open(dir.path(), u64::MAX).unwrap(),
         room: Arc::new(AtomicU64::new(0)),
     });
     let metrics = Arc::new(Metrics::new());
-    let fills = Fills::new(store.clone(), disk, metrics.clone());
+    let fills = fills_over(&Storage::of(store.clone()), &metrics);
     // Larger than the window, so the fill waits for this reader.
     let right = pattern(24 << 20, 249);
     let digest = Digest::of(&right);

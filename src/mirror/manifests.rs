@@ -40,7 +40,8 @@ impl Mirror {
             self.budget.touch(digest);
             return Some(m);
         }
-        let body = match self.store.read_small(digest, u64::MAX).await {
+        // Nothing larger than a manifest may be is read into memory (a blob asked for as one).
+        let body = match self.store.read_small(digest, MANIFEST_LIMIT).await {
             Ok(body) => {
                 self.budget.touch(digest);
                 body?
