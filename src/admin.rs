@@ -39,6 +39,11 @@ impl AdminApp {
         if self.mirror.is_stopping() {
             return Err("shutting down".into());
         }
+        if let Some(cluster) = self.mirror.cluster() {
+            if !cluster.is_ready() {
+                return Err("cluster members not known yet (cluster.peers_dns)".into());
+            }
+        }
         let store = self.mirror.store();
         store
             .ready()

@@ -58,6 +58,9 @@ pub enum ApiError {
     /// The client may not pull from this upstream.
     #[error("{0}")]
     ClientDenied(String),
+    /// A request claiming to come from a cluster member whose proof does not verify.
+    #[error("{0}")]
+    PeerRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -76,7 +79,7 @@ impl ApiError {
             // would need a challenge for credentials dockside does not take.
             Unauthorized { .. } => StatusCode::BAD_GATEWAY,
             Denied { .. } | ClientDenied(_) => StatusCode::FORBIDDEN,
-            ClientUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            ClientUnauthorized(_) | PeerRefused(_) => StatusCode::UNAUTHORIZED,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ManifestTooLarge { .. } | DigestMismatch { .. } | UpstreamUnavailable { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -98,7 +101,7 @@ impl ApiError {
             TagInvalid(_) => "TAG_INVALID",
             Unsupported(_) | NotFound(_) => "UNSUPPORTED",
             RangeNotSatisfiable(..) => "BLOB_UNKNOWN",
-            Unauthorized { .. } | ClientUnauthorized(_) => "UNAUTHORIZED",
+            Unauthorized { .. } | ClientUnauthorized(_) | PeerRefused(_) => "UNAUTHORIZED",
             Denied { .. } | ClientDenied(_) => "DENIED",
             TooManyRequests { .. } => "TOOMANYREQUESTS",
             ManifestTooLarge { .. } => "MANIFEST_INVALID",

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod airgap;
 pub mod client_auth;
 pub mod client_config;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fill;

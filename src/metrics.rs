@@ -76,6 +76,14 @@ pub struct Metrics {
     /// notAfter of the certificate served, in Unix seconds, by `cert_file`; no series without
     /// `tls:`. Alert on it: a rotation that keeps failing leaves the old certificate serving.
     pub tls_certificate_expiry: IntGaugeVec,
+    /// Requests between cluster members, by direction (sent, received), mode (fill, held) and
+    /// outcome (ok, not_found, failed; refused for a received one whose proof failed).
+    pub peer_requests: IntCounterVec,
+    /// Cluster members this replica knows, by state (up, down); itself counted up.
+    pub cluster_members: IntGaugeVec,
+    /// Blob fills started, by role: owned (this replica fetches from upstream) or forwarded
+    /// (it streams from the owner).
+    pub cluster_fills: IntCounterVec,
 }
 
 impl Metrics {
@@ -118,6 +126,21 @@ impl Metrics {
             h
         };
         let metrics = Metrics {
+            peer_requests: counter(
+                "dockside_peer_requests_total",
+                "Requests between cluster members, by direction, mode and outcome.",
+                &["direction", "mode", "outcome"],
+            ),
+            cluster_members: gauge_vec(
+                "dockside_cluster_members",
+                "Cluster members this replica knows, by state (up, down).",
+                &["state"],
+            ),
+            cluster_fills: counter(
+                "dockside_cluster_fills_total",
+                "Blob fills started, by role: owned (fetched upstream here) or forwarded (streamed from the owner).",
+                &["role"],
+            ),
             upstream_first_byte: histogram(
                 "dockside_upstream_first_byte_seconds",
                 "Time from sending a request to an upstream to its response headers.",

@@ -18,6 +18,7 @@ use pingora::upstreams::peer::HttpPeer;
 use tracing::{info, warn};
 
 use crate::admin::AdminApp;
+use crate::cluster::{PeerClaim, proof};
 use crate::config::Config;
 use crate::limits::{Connections, Deadlines};
 use crate::listeners::Listeners;
@@ -98,6 +99,12 @@ fn api_request(header: &pingora::http::RequestHeader) -> ApiRequest {
         accept: text("accept"),
         range: text("range").into_iter().next(),
         authorization: text("authorization").into_iter().next(),
+        peer: PeerClaim {
+            from: text(proof::HEADER_FROM).into_iter().next(),
+            mode: text(proof::HEADER_MODE).into_iter().next(),
+            time: text(proof::HEADER_TIME).into_iter().next(),
+            proof: text(proof::HEADER_PROOF).into_iter().next(),
+        },
     }
 }
 
@@ -241,6 +248,7 @@ pub fn run(
         }
     };
     mirror.start_maintenance();
+    mirror.start_cluster()?;
     // Before bootstrap: an upgrade must fail while the old server still holds the listeners.
     let tls = match &config.tls {
         Some(files) => Some(ReloadingCert::load(files)?),

@@ -385,6 +385,7 @@ fn request(image: &ImageRef, path: String) -> ApiRequest {
         accept: vec![AcceptSet::ALL.header_value()],
         range: None,
         authorization: None,
+        peer: Default::default(),
     }
 }
 

@@ -15,6 +15,7 @@
 
 mod cache;
 mod client_auth;
+mod cluster;
 mod credentials;
 mod error;
 mod limits;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 pub use cache::CacheConfig;
 pub use client_auth::ClientAuthConfig;
+pub use cluster::{ClusterConfig, Members, PeerAddr};
 pub use credentials::{
     AadToken, AcrSource, CredentialSource, EcrSource, GcpSource, HelperSource, ServiceAccountKey,
     ecr_host_parts,
@@ -70,6 +72,8 @@ pub struct Config {
     /// HTTPS on every `listen` address; `None`: plain HTTP (and h2c).
     pub tls: Option<TlsConfig>,
     pub limits: Limits,
+    /// Replicas acting as one cache; `None`: this instance alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -137,7 +141,21 @@ impl Check<'_> {
             None => None,
         };
         let limits = self.limits(raw.limits.as_ref())?;
+        let cluster = match &raw.cluster {
+            // Members reach each other over plain HTTP on the registry listener.
+            Some(_) if tls.is_some() => {
+                return Err(self.invalid(
+                    "cluster",
+                    "cannot be used with tls: yet (members talk plain HTTP to each other's \
+                     registry listener); terminate TLS in front of dockside instead"
+                        .into(),
+                ));
+            }
+            Some(cluster) => Some(self.cluster(cluster)?),
+            None => None,
+        };
         Ok(Config {
+            cluster,
             offline: raw.offline,
             client_auth,
             tls,

@@ -24,6 +24,19 @@ pub(super) struct RawConfig {
     pub(super) client_auth: Option<RawClientAuth>,
     pub(super) tls: Option<RawTls>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) advertise: String,
+    pub(super) peers: Option<Vec<String>>,
+    pub(super) peers_dns: Option<String>,
+    pub(super) dns_server: Option<String>,
+    pub(super) secret_file: String,
+    pub(super) refresh_interval: Option<Scalar>,
+    pub(super) health_interval: Option<Scalar>,
 }
 
 #[derive(Deserialize)]

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use http::{Method, StatusCode};
 
 use super::Mirror;
+use super::peers::{asked, is_held_only};
 use super::response::{ApiResponse, Body, Outcome};
+use crate::cluster::{RingKey, Via};
 use crate::error::ApiError;
 use crate::fill::{BlobBody, BlobSource, wait_started};
 use crate::oci::range::{Span, parse_range};
 use crate::oci::{Digest, RepoName};
-use crate::origin::UpstreamOrigin;
 use crate::origin::upstream::content_length;
+use crate::origin::{Origin, UpstreamOrigin};
 use crate::upstream::Upstream;
 
 impl Mirror {
@@ -21,11 +23,14 @@ impl Mirror {
         name: &RepoName,
         digest: &Digest,
         range: Option<&str>,
+        via: &Via,
     ) -> Result<ApiResponse, ApiError> {
-        let origin = Arc::new(UpstreamOrigin::new(upstream, name));
-        let source = self.fills.get(digest, origin).await?;
         let blob_unknown = || ApiError::BlobUnknown {
             digest: digest.clone(),
+        };
+        let source = match self.blob_source(upstream, name, digest, via).await? {
+            Some(source) => source,
+            None => return Err(blob_unknown()),
         };
         match source {
             BlobSource::Cached(obj) => {
@@ -65,13 +70,40 @@ impl Mirror {
         }
     }
 
-    /// HEAD of a blob: from the cache or a fill in flight when we can, else asked upstream
-    /// without fetching.
+    /// Where a blob's bytes come from: the store, the fill in flight, or a new fill from
+    /// the cluster's hops and then the upstream. `None`: a member asked for what this replica
+    /// holds, and it holds nothing.
+    async fn blob_source(
+        &self,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        digest: &Digest,
+        via: &Via,
+    ) -> Result<Option<BlobSource>, ApiError> {
+        if is_held_only(via) {
+            return Ok(self.store.open(digest).await?.map(BlobSource::Cached));
+        }
+        let origin: Arc<dyn Origin> = Arc::new(UpstreamOrigin::new(upstream, name));
+        let Some(cluster) = &self.cluster else {
+            return Ok(Some(self.fills.get(digest, origin).await?));
+        };
+        let hops = cluster.hops(&RingKey::digest(digest), via);
+        let origin = cluster.blob_origin(&hops, &asked(upstream, name), origin);
+        let source = self.fills.get(digest, origin).await?;
+        if let BlobSource::Filling { joined: false, .. } = &source {
+            cluster.count_fill(&hops);
+        }
+        Ok(Some(source))
+    }
+
+    /// HEAD of a blob: from the cache or a fill in flight when we can, else asked of the
+    /// cluster's hops and then upstream, without fetching.
     pub(super) async fn blob_head(
         &self,
         upstream: &Upstream,
         name: &RepoName,
         digest: &Digest,
+        via: &Via,
     ) -> Result<ApiResponse, ApiError> {
         let stat = self.store.stat(digest).await;
         let known = stat?.map(|len| (len, Outcome::Hit));
@@ -79,6 +111,19 @@ impl Mirror {
             let len = self.fills.len_in_flight(digest)?;
             Some((len, Outcome::Coalesced))
         });
+        let blob_unknown = || ApiError::BlobUnknown {
+            digest: digest.clone(),
+        };
+        if known.is_none() && is_held_only(via) {
+            return Err(blob_unknown());
+        }
+        let known = match known {
+            Some(known) => Some(known),
+            None => self
+                .blob_len_from_peers(upstream, name, digest, via)
+                .await?
+                .map(|len| (len, Outcome::Pass)),
+        };
         let (len, outcome) = match known {
             Some((len, outcome)) => (Some(len), outcome),
             None => {

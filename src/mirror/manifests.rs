@@ -8,10 +8,12 @@ use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use tracing::warn;
 
+use super::peers::is_held_only;
 use super::response::{
     ApiResponse, Body, Manifest, ManifestResult, Outcome, header_digest, header_str,
 };
 use super::{Mirror, STALE_RETRY};
+use crate::cluster::Via;
 use crate::error::ApiError;
 use crate::oci::manifest::MANIFEST_LIMIT;
 use crate::oci::media::{self, AcceptSet};
@@ -27,10 +29,11 @@ impl Mirror {
         name: &RepoName,
         reference: &Reference,
         accept: AcceptSet,
+        via: &Via,
     ) -> ManifestResult {
         match reference {
-            Reference::Digest(digest) => self.manifest_by_digest(upstream, name, digest).await,
-            Reference::Tag(tag) => self.manifest_by_tag(upstream, name, tag, accept).await,
+            Reference::Digest(digest) => self.manifest_by_digest(upstream, name, digest, via).await,
+            Reference::Tag(tag) => self.manifest_by_tag(upstream, name, tag, accept, via).await,
         }
     }
 
@@ -66,15 +69,29 @@ impl Mirror {
         upstream: &Arc<Upstream>,
         name: &RepoName,
         digest: &Digest,
+        via: &Via,
     ) -> ManifestResult {
         if let Some(m) = self.cached_manifest(digest).await {
             return Ok((m, Outcome::Hit));
         }
+        if is_held_only(via) {
+            return Err(ApiError::ManifestUnknown {
+                name: name.to_string(),
+                reference: digest.to_string(),
+            });
+        }
         let (this, up, name2, d) = (self.clone(), upstream.clone(), name.clone(), digest.clone());
+        let via = via.clone();
         let (result, joined) = self
             .manifest_flights
             .run(digest.clone(), move || async move {
-                this.fetch_manifest(&up, &name2, &Reference::Digest(d), AcceptSet::ALL)
+                let reference = Reference::Digest(d);
+                let from_peers =
+                    this.manifest_from_peers(&up, &name2, &reference, AcceptSet::ALL, &via);
+                if let Some(found) = from_peers.await {
+                    return found;
+                }
+                this.fetch_manifest(&up, &name2, &reference, AcceptSet::ALL)
                     .await
             })
             .await;
@@ -124,10 +141,24 @@ impl Mirror {
                 actual: digest.to_string(),
             });
         }
+        Ok(self
+            .keep_manifest(&upstream.name, name, digest, body, content_type)
+            .await)
+    }
+
+    /// A verified manifest: into the store and memory.
+    pub(super) async fn keep_manifest(
+        self: &Arc<Self>,
+        upstream: &Arc<str>,
+        name: &RepoName,
+        digest: Digest,
+        body: Bytes,
+        content_type: Option<String>,
+    ) -> Arc<Manifest> {
         match self.store.put(&digest, body.clone()).await {
             Ok(()) => {
                 self.metrics.record_usage(self.budget.usage());
-                self.watch_pins(&upstream.name, name);
+                self.watch_pins(upstream, name);
             }
             Err(e) => {
                 self.metrics.store_write_error("manifest", &e);
@@ -144,7 +175,7 @@ impl Mirror {
             body,
         });
         self.manifests.insert(digest, manifest.clone());
-        Ok(manifest)
+        manifest
     }
 
     pub(super) async fn manifest_by_tag(
@@ -153,6 +184,7 @@ impl Mirror {
         name: &RepoName,
         tag: &Tag,
         accept: AcceptSet,
+        via: &Via,
     ) -> ManifestResult {
         let key = TagKey {
             upstream: upstream.name.clone(),
@@ -172,13 +204,18 @@ impl Mirror {
                 return Ok((m, Outcome::Hit));
             }
         }
-        let (this, up, k) = (self.clone(), upstream.clone(), key.clone());
+        if is_held_only(via) {
+            return Err(manifest_unknown(&key));
+        }
+        let (this, up, k, via) = (self.clone(), upstream.clone(), key.clone(), via.clone());
         let (result, joined) = self
             .tag_flights
-            .run(
-                key,
-                move || async move { this.refresh_tag(&up, k, known).await },
-            )
+            .run(key, move || async move {
+                if let Some(found) = this.tag_from_peers(&up, &k, &via).await {
+                    return found;
+                }
+                this.refresh_tag(&up, k, known, &via).await
+            })
             .await;
         result.map(|(m, outcome)| (m, if joined { Outcome::Coalesced } else { outcome }))
     }
@@ -190,6 +227,7 @@ impl Mirror {
         upstream: &Arc<Upstream>,
         key: TagKey,
         known: Option<TagEntry>,
+        via: &Via,
     ) -> ManifestResult {
         let Some(known) = known else {
             let reference = Reference::Tag(key.tag.clone());
@@ -225,7 +263,7 @@ impl Mirror {
             Ok(resp) => {
                 let (m, outcome) = match header_digest(&resp) {
                     Some(digest) => {
-                        self.manifest_by_digest(upstream, &key.name, &digest)
+                        self.manifest_by_digest(upstream, &key.name, &digest, via)
                             .await?
                     }
                     None => {

@@ -9,6 +9,7 @@
 mod blobs;
 mod manifests;
 mod passthrough;
+mod peers;
 mod response;
 mod upkeep;
 
@@ -29,6 +30,7 @@ use http::StatusCode;
 use moka::sync::Cache;
 
 use crate::client_auth::ClientAuth;
+use crate::cluster::{Cluster, Via};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::fill::Fills;
@@ -65,6 +67,8 @@ pub struct Mirror {
     stopping: std::sync::atomic::AtomicBool,
     /// `cache.pin`, resolved to upstream and repository.
     pins: Vec<(Arc<str>, RepoName, Reference)>,
+    /// `cluster`: the other replicas this one asks before its upstream.
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
 }
 
@@ -112,7 +116,12 @@ impl Mirror {
                 .map_err(|e| anyhow::anyhow!("cache.pin {image}: {e}"))?;
             pins.push((upstream.name.clone(), name, image.reference.clone()));
         }
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::new(c, metrics.clone())?),
+            None => None,
+        };
         let mirror = Mirror {
+            cluster,
             upstreams,
             pins,
             stopping: Default::default(),
@@ -169,8 +178,28 @@ impl Mirror {
         &self.budget
     }
 
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Start keeping the cluster's view current (members, health): the server does; the
+    /// air-gap tools use the static list as it is.
+    pub fn start_cluster(&self) -> anyhow::Result<()> {
+        match &self.cluster {
+            Some(cluster) => cluster.start(),
+            None => Ok(()),
+        }
+    }
+
     /// Answer one registry request from a client (authenticated when `client_auth` is set).
     pub async fn handle(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
+        // A member's request carries a proof instead of a client's credentials.
+        if req.peer.is_claimed() {
+            return match self.verify_peer(req) {
+                Ok(peer) => self.serve(req, None, &Via::Peer(peer)).await,
+                Err(e) => with_api_version(ApiResponse::error(&e)),
+            };
+        }
         let client = match &self.client_auth {
             Some(auth) => match auth.authenticate(req.authorization.as_deref()).await {
                 Ok(client) => Some(client),
@@ -178,21 +207,26 @@ impl Mirror {
             },
             None => None,
         };
-        self.serve(req, client.as_deref()).await
+        self.serve(req, client.as_deref(), &Via::Client).await
     }
 
     /// Answer a request dockside makes of itself (prefetch, the admin API): no client, so no
     /// authentication and no access limits.
     pub async fn handle_internal(self: &Arc<Self>, req: &ApiRequest) -> ApiResponse {
-        self.serve(req, None).await
+        self.serve(req, None, &Via::Client).await
     }
 
-    async fn serve(self: &Arc<Self>, req: &ApiRequest, client: Option<&str>) -> ApiResponse {
+    async fn serve(
+        self: &Arc<Self>,
+        req: &ApiRequest,
+        client: Option<&str>,
+        via: &Via,
+    ) -> ApiResponse {
         let route = match route::parse(&req.method, &req.path, req.query.as_deref()) {
             Ok(route) => route,
             Err(e) => return ApiResponse::error(&e.into()),
         };
-        let mut resp = with_api_version(self.dispatch(&route, req, client).await);
+        let mut resp = with_api_version(self.dispatch(&route, req, client, via).await);
         if let Some(ns) = &route.ns {
             resp.headers.push(("OCI-Namespace", ns.to_string()));
         }
@@ -213,6 +247,7 @@ impl Mirror {
         route: &Route,
         req: &ApiRequest,
         client: Option<&str>,
+        via: &Via,
     ) -> ApiResponse {
         let (name, kind) = match &route.target {
             Target::Ping => {
@@ -244,15 +279,20 @@ impl Mirror {
         let result = match &route.target {
             Target::Manifest { reference, .. } => {
                 let accept = AcceptSet::from_headers(req.accept.iter().map(String::as_str));
-                self.manifest(&upstream, &name, reference, accept)
-                    .await
-                    .map(|(m, outcome)| manifest_response(&m, outcome))
+                let answer = self
+                    .manifest(&upstream, &name, reference, accept, via)
+                    .await;
+                answer.map(|(m, outcome)| {
+                    let mut resp = manifest_response(&m, outcome);
+                    self.tell_freshness(&mut resp, &upstream, &name, reference, accept, via);
+                    resp
+                })
             }
             Target::Blob { digest, .. } => {
                 if route.head {
-                    self.blob_head(&upstream, &name, digest).await
+                    self.blob_head(&upstream, &name, digest, via).await
                 } else {
-                    self.blob(&upstream, &name, digest, req.range.as_deref())
+                    self.blob(&upstream, &name, digest, req.range.as_deref(), via)
                         .await
                 }
             }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
+use crate::cluster::PeerClaim;
 use crate::error::ApiError;
 use crate::fill::BlobBody;
 use crate::oci::Digest;
@@ -17,6 +18,8 @@ pub struct ApiRequest {
     pub accept: Vec<String>,
     pub range: Option<String>,
     pub authorization: Option<String>,
+    /// The `x-dockside-peer*` headers: set when another cluster member sends it.
+    pub peer: PeerClaim,
 }
 
 pub enum Body {

@@ -4,9 +4,11 @@
 //! a stream of chunks; a resume (`from > 0`) is answered with exactly the rest of the blob or
 //! an error. The fill single-flights, verifies and keeps what an origin
 //! sends without knowing what kind of origin it is. The upstream registry
-//! ([`upstream::UpstreamOrigin`]) is the first implementation; a peer replica and a shared
-//! storage tier are the next. Every error names the origin's kind and name.
+//! ([`upstream::UpstreamOrigin`]) is the first implementation; a peer replica
+//! (`cluster::peer`) is another, and [`chain::ChainOrigin`] tries several in order, moving on
+//! when one fails. Every error names the origin's kind and name.
 
+pub mod chain;
 pub mod upstream;
 
 use std::fmt;
@@ -19,6 +21,7 @@ use futures_util::stream::BoxStream;
 use crate::oci::Digest;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
+pub use chain::ChainOrigin;
 pub use upstream::UpstreamOrigin;
 
 /// What kind of place an origin is, for metrics and messages.
@@ -26,6 +29,8 @@ pub use upstream::UpstreamOrigin;
 pub enum OriginKind {
     /// The registry a request was routed to.
     Upstream,
+    /// Another replica of the cluster.
+    Peer,
     /// Bytes a test or a tool holds already.
     Fixed,
 }
@@ -34,6 +39,7 @@ impl OriginKind {
     pub fn as_str(self) -> &'static str {
         match self {
             OriginKind::Upstream => "upstream",
+            OriginKind::Peer => "peer",
             OriginKind::Fixed => "fixed",
         }
     }
@@ -102,6 +108,9 @@ pub enum OriginErrorKind {
     /// The body broke or stalled: a resume may get the rest.
     #[error("body failed: {0}")]
     Broken(String),
+    /// A peer asked only for what it holds does not hold it.
+    #[error("does not hold it")]
+    NotHeld,
 }
 
 impl OriginError {
@@ -120,8 +129,19 @@ impl OriginError {
                 matches!(kind, U::Body(_) | U::Truncated { .. } | U::Timeout(_))
             }
             OriginErrorKind::Truncated { .. } | OriginErrorKind::Broken(_) => true,
-            OriginErrorKind::Overlong { .. } | OriginErrorKind::NotTheRest { .. } => false,
+            OriginErrorKind::Overlong { .. }
+            | OriginErrorKind::NotTheRest { .. }
+            | OriginErrorKind::NotHeld => false,
         }
+    }
+
+    /// The origin's definite answer that the object does not exist: asking another origin
+    /// would only ask the same upstream again.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.kind,
+            OriginErrorKind::Upstream(UpstreamErrorKind::NotFound)
+        )
     }
 
     /// The same failure in an upstream's terms, for an origin that is an upstream (the client

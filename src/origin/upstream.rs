@@ -71,7 +71,7 @@ impl UpstreamOrigin {
 
 /// The blob's total length when a response is a 206 whose Content-Range runs from `from` to
 /// the blob's end.
-fn rest_of(resp: &reqwest::Response, from: u64) -> Option<u64> {
+pub fn rest_of(resp: &reqwest::Response, from: u64) -> Option<u64> {
     if resp.status() != http::StatusCode::PARTIAL_CONTENT {
         return None;
     }

@@ -6,6 +6,7 @@ mod support;
 mod airgap;
 mod cache;
 mod client_auth;
+mod cluster;
 mod credentials;
 mod disk_full;
 mod errors;

@@ -27,7 +27,7 @@ use challenge::TokenSource;
 use retry::{backoff, is_url_failure, worth_retrying};
 use throttle::Throttle;
 
-pub use send::body_error;
+pub use send::{body_error, error_chain};
 
 pub struct Upstream {
     pub name: Arc<str>,

@@ -105,8 +105,9 @@ impl Upstream {
     }
 }
 
-pub(super) fn classify(err: &reqwest::Error) -> UpstreamErrorKind {
-    // The full error chain says why (refused, DNS, TLS); the top level only says "error sending".
+/// An error with its causes: the full chain says why (refused, DNS, TLS); the top level only
+/// says "error sending request".
+pub fn error_chain(err: &reqwest::Error) -> String {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
@@ -114,6 +115,11 @@ pub(super) fn classify(err: &reqwest::Error) -> UpstreamErrorKind {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
+    message
+}
+
+pub(super) fn classify(err: &reqwest::Error) -> UpstreamErrorKind {
+    let message = error_chain(err);
     if err.is_timeout() {
         UpstreamErrorKind::Timeout(message)
     } else if err.is_body() || err.is_decode() {

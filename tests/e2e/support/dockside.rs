@@ -174,6 +174,30 @@ impl Config {
     }
 }
 
+/// A registry and an admin listener, bound to port 0 on loopback by this test process.
+pub struct Listeners {
+    pub registry: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub fn bind() -> Listeners {
+        let bind = || TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Listeners {
+            registry: bind(),
+            admin: bind(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.registry.local_addr().expect("local_addr").port()
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin.local_addr().expect("local_addr").port()
+    }
+}
+
 pub struct Dockside {
     /// `http` or `https` (with `tls`).
     scheme: &'static str,
@@ -201,13 +225,17 @@ impl Dockside {
     /// activation (as systemd does), so the ports are known before dockside starts and nothing
     /// else can take them.
     pub fn start_in(cfg: &Config, dir: TempDir) -> Dockside {
+        Dockside::start_on(cfg, dir, Listeners::bind())
+    }
+
+    /// Like [`Dockside::start_in`], on listeners bound beforehand (so that a cluster's members
+    /// know each other's ports before any starts).
+    pub fn start_on(cfg: &Config, dir: TempDir, listeners: Listeners) -> Dockside {
         let runs = std::fs::read_dir(dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
-        let bind = || TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let (registry, admin) = (bind(), bind());
-        let port_of = |l: &TcpListener| l.local_addr().expect("local_addr").port();
-        let (port, admin_port) = (port_of(&registry), port_of(&admin));
+        let (port, admin_port) = (listeners.port(), listeners.admin_port());
+        let Listeners { registry, admin } = listeners;
         let cfg_path = dir.path().join("dockside.yaml");
         // The config names the same addresses: `serve --upgrade` and `client-config` read them.
         std::fs::write(

@@ -55,6 +55,8 @@ struct Shared {
     upstream: String,
     mode: Mutex<Mode>,
     requests: Mutex<Vec<Logged>>,
+    /// Response body bytes sent to clients, all requests together.
+    body_bytes: std::sync::atomic::AtomicU64,
 }
 
 pub struct FaultProxy {
@@ -70,6 +72,7 @@ impl FaultProxy {
             upstream: reg.host(),
             mode: Mutex::new(mode),
             requests: Mutex::new(Vec::new()),
+            body_bytes: Default::default(),
         });
         let s = shared.clone();
         let server = LoopbackServer::start("fault proxy", move |conn| {
@@ -97,6 +100,13 @@ impl FaultProxy {
     /// Every request so far.
     pub fn requests(&self) -> Vec<Logged> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Response body bytes relayed so far (what the registry served through the proxy).
+    pub fn body_bytes(&self) -> u64 {
+        self.shared
+            .body_bytes
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// GETs of blob `digest` so far.
@@ -279,7 +289,9 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
             return Ok(());
         }
         (true, Some(_), Mode::StallOnce(n)) => {
-            std::io::copy(&mut (&mut from_upstream).take(n as u64), &mut to_client)?;
+            let sent = std::io::copy(&mut (&mut from_upstream).take(n as u64), &mut to_client)?;
+            s.body_bytes
+                .fetch_add(sent, std::sync::atomic::Ordering::SeqCst);
             to_client.flush()?;
             // Hold the connection open, sending nothing, until the client closes it.
             let mut byte = [0u8; 1];
@@ -288,7 +300,9 @@ fn relay(client: TcpStream, s: &Shared) -> std::io::Result<()> {
         }
         // Everything else as is; the registry closes after the answer (`Connection: close`).
         _ => {
-            std::io::copy(&mut from_upstream, &mut to_client)?;
+            let sent = std::io::copy(&mut from_upstream, &mut to_client)?;
+            s.body_bytes
+                .fetch_add(sent, std::sync::atomic::Ordering::SeqCst);
         }
     }
     to_client.flush()?;

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod clients;
+pub mod cluster;
 pub mod dockside;
 pub mod endpoint;
 pub mod fault_proxy;
