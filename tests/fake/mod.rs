@@ -237,6 +237,11 @@ impl FakeUpstream {
             return text(StatusCode::NOT_FOUND, "no route");
         };
         let head = method == hyper::Method::HEAD;
+        if rest.is_empty() {
+            // The version check (and a cluster member's health check, when this fake stands in
+            // for a member).
+            return bytes_response(StatusCode::OK, "application/json", Bytes::from("{}"), false);
+        }
         if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
             return self.manifest(repo, reference, head);
         }

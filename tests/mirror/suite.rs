@@ -50,14 +50,25 @@ async fn start_mirror(upstreams: &str, tag_ttl: &str) -> Mirror {
 /// Binds the listeners first and hands them to `run`: requests made as soon as this returns
 /// wait in the sockets' backlog until the server accepts them.
 async fn start_mirror_sized(upstreams: &str, tag_ttl: &str, max_size: &str) -> Mirror {
+    start_mirror_with(upstreams, tag_ttl, max_size, &|_| String::new()).await
+}
+
+/// Like [`start_mirror_sized`], with top-level YAML `extra(listen address)` appended.
+async fn start_mirror_with(
+    upstreams: &str,
+    tag_ttl: &str,
+    max_size: &str,
+    extra: &dyn Fn(&str) -> String,
+) -> Mirror {
     let dir = tempfile::tempdir().unwrap();
     let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (registry, admin) = (bind(), bind());
     let (addr, admin_addr) = (registry.local_addr().unwrap(), admin.local_addr().unwrap());
     let yaml = format!(
         "listen: \"{addr}\"\nadmin_listen: \"{admin_addr}\"\ngrace_period: 0s\nthreads: 2\n\
-         cache:\n  dir: {}\n  max_size: {max_size}\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}",
-        dir.path().display()
+         cache:\n  dir: {}\n  max_size: {max_size}\n  tag_ttl: {tag_ttl}\nupstreams:\n{upstreams}{}",
+        dir.path().display(),
+        extra(&addr.to_string())
     );
     let config = Config::from_yaml(&yaml, "test.yaml").expect("test config is valid");
     let listeners = Listeners {
@@ -831,4 +842,74 @@ async fn head_during_a_fill_is_answered_by_the_fill() {
         data.len().to_string().as_str()
     );
     assert_eq!(fake.count("HEAD "), 0, "{:?}", fake.log());
+}
+
+/// A cluster of this mirror and a fake member (the fake upstream standing in for a replica):
+/// a blob the fake member owns is asked of it, with none of the client's credentials, and
+/// content from it that does not match its digest is neither served as complete nor kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_miss_asks_the_owning_member_without_the_clients_credentials() {
+    use dockside::cluster::RingKey;
+    use dockside::cluster::ring::rank;
+    use dockside::config::PeerAddr;
+    use dockside::oci::Digest;
+    let upstream = FakeUpstream::start().await;
+    let member = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "client-token-0123456789\n").unwrap();
+    let other = member.addr.to_string();
+    let (secret_path, token_path) = (secret.display().to_string(), token.display().to_string());
+    let extra = move |me: &str| {
+        format!(
+            "client_auth:\n  tokens: [{{ name: ci, token_file: \"{token_path}\" }}]\n\
+             cluster:\n  advertise: \"{me}\"\n  peers: [\"{me}\", \"{other}\"]\n  \
+             secret_file: \"{secret_path}\"\n"
+        )
+    };
+    let m = start_mirror_with(&one_upstream(&upstream, ""), "5m", "1GiB", &extra).await;
+    let me = PeerAddr::parse(m.base.trim_start_matches("http://")).unwrap();
+    let members = [me, PeerAddr::parse(&member.addr.to_string()).unwrap()];
+    // Blobs the fake member owns.
+    let owned: Vec<Vec<u8>> = (0u8..40)
+        .map(|seed| blob_data(10_000, seed))
+        .filter(|data| {
+            let d = Digest::parse(&digest_of(data)).unwrap();
+            rank(&members, &RingKey::digest(&d))[0] == &members[1]
+        })
+        .take(2)
+        .collect();
+    let (good, bad) = (&owned[0], &owned[1]);
+    let (good_d, bad_d) = (member.add_blob(good), member.add_blob(bad));
+    member.set_fault(&bad_d, Some(Fault::Corrupt));
+    let client = reqwest::Client::new();
+    let fetch = |d: &str| {
+        client
+            .get(format!("{}/v2/library/x/blobs/{d}", m.base))
+            .bearer_auth("client-token-0123456789")
+            .send()
+    };
+    let r = fetch(&good_d).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), good.as_slice());
+    let asked = format!("GET /v2/library/x/blobs/{good_d}");
+    assert_eq!(member.count(&asked), 1, "{:?}", member.log());
+    assert!(
+        member.log().iter().all(|l| !l.contains("[authorization]")),
+        "a client's credentials crossed the hop: {:?}",
+        member.log()
+    );
+    assert_eq!(upstream.count("GET /v2/library/x/blobs"), 0, "{:?}", upstream.log());
+    // Bytes from a member that do not hash to the digest: the body breaks before its end,
+    // nothing is kept, and the next request asks again.
+    for round in 1..=2 {
+        let r = fetch(&bad_d).await.unwrap();
+        let body = r.bytes().await;
+        assert!(body.is_err(), "round {round}: a mismatching blob was served as complete");
+        until_metric(&m, "dockside_fills_in_flight 0").await;
+        let asked = format!("GET /v2/library/x/blobs/{bad_d}");
+        assert_eq!(member.count(&asked), round, "round {round}: {:?}", member.log());
+    }
 }
