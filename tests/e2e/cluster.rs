@@ -374,3 +374,35 @@ fn base64_of(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+#[test]
+fn a_tag_is_revalidated_once_for_the_cluster_and_served_stale_across_the_hop() {
+    let mut reg = Registry::start(Auth::None);
+    let img = crate::support::image::Image::generate(703, &[40_000], Format::Oci);
+    skopeo::push(&reg, "library/steady", "v1", &img);
+    let cfg = Config::new(vec![Upstream::hub(&reg)]).tag_ttl("2s");
+    let cluster = Cluster::start(&cfg, 3);
+    let tag_url = |d: &Dockside| format!("{}/v2/library/steady/manifests/v1", d.url());
+    let tag_path = "/v2/library/steady/manifests/v1";
+    for d in &cluster.members {
+        crate::cache::pull_and_check(d, "library/steady:v1", &img);
+    }
+    // Past tag_ttl, every member asked once: the tag's owner revalidates it, once.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = reg.access_log();
+    for d in &cluster.members {
+        let r = http::get_manifest(&tag_url(d));
+        assert_eq!((r.status, sha(&r.body)), (200, img.manifest.digest.clone()));
+    }
+    let lines = new_lines(&before, &reg.access_log());
+    assert_eq!(count(&lines, "HEAD", tag_path), 1, "one revalidation for the cluster: {lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+
+    // The upstream gone and the tag stale again: every member still answers, from the owner's
+    // stale answer or its own.
+    reg.kill();
+    std::thread::sleep(Duration::from_millis(2500));
+    for d in &cluster.members {
+        crate::cache::pull_and_check(d, "library/steady:v1", &img);
+    }
+}
