@@ -272,7 +272,9 @@ impl Origin for PeerOrigin {
         let chunks = resp
             .bytes_stream()
             .map(move |chunk| {
-                chunk.map_err(|e| OriginError::new(&origin, OriginErrorKind::Broken(error_chain(&e))))
+                chunk.map_err(|e| {
+                    OriginError::new(&origin, OriginErrorKind::Broken(error_chain(&e)))
+                })
             })
             .boxed();
         Ok(OriginBody { len, chunks })

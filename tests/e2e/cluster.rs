@@ -395,7 +395,11 @@ fn a_tag_is_revalidated_once_for_the_cluster_and_served_stale_across_the_hop() {
         assert_eq!((r.status, sha(&r.body)), (200, img.manifest.digest.clone()));
     }
     let lines = new_lines(&before, &reg.access_log());
-    assert_eq!(count(&lines, "HEAD", tag_path), 1, "one revalidation for the cluster: {lines:?}");
+    assert_eq!(
+        count(&lines, "HEAD", tag_path),
+        1,
+        "one revalidation for the cluster: {lines:?}"
+    );
     assert_eq!(lines.len(), 1, "{lines:?}");
 
     // The upstream gone and the tag stale again: every member still answers, from the owner's
