@@ -207,8 +207,9 @@ def activation_child(listeners, env=None):
     """What a child runs between fork and exec to receive `listeners` as systemd's socket
     activation passes them: the sockets on fds 3, 4, ... in order, `LISTEN_FDS` their count,
     `LISTEN_FDNAMES` their names joined by `:`, `LISTEN_PID` the child's own PID. `env`, when
-    given, replaces the rest of the environment. Every other descriptor this process opened is
-    close-on-exec (Python's default), so only these and stdio reach the program."""
+    given, replaces the rest of the environment. Descriptors this process inherited, open on exec,
+    are closed, as `close_fds` would (which would close the sockets too); the rest are
+    close-on-exec (Python's default), subprocess's error pipe among them."""
     fds = [sock.fileno() for sock in listeners.values()]
     names = ":".join(listeners)
 
@@ -218,6 +219,13 @@ def activation_child(listeners, env=None):
         for target, fd in enumerate(high, start=3):
             os.dup2(fd, target)  # inheritable: it survives exec
             os.close(fd)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                if fd >= 3 + len(fds) and os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
         if env is not None:
             for key in set(os.environ) - set(env):
                 os.unsetenv(key)

@@ -208,6 +208,7 @@ class CurlWriteOut(unittest.TestCase):
 class SocketActivation(unittest.TestCase):
     CHILD = """
 import json, os, socket
+opened = sorted(int(f) for f in os.listdir("/proc/self/fd"))
 fds = {}
 for fd in (3, 4):
     s = socket.socket(fileno=os.dup(fd))
@@ -216,7 +217,7 @@ print(json.dumps(dict(
     pid_ok=os.environ.get("LISTEN_PID") == str(os.getpid()),
     fds=os.environ.get("LISTEN_FDS"), names=os.environ.get("LISTEN_FDNAMES"),
     bench=os.environ.get("BENCH_TEST"), home="HOME" in os.environ,
-    open=sorted(int(f) for f in os.listdir("/proc/self/fd")),
+    open=opened,
     ports={str(k): v for k, v in fds.items()},
 )))
 """
@@ -228,6 +229,11 @@ print(json.dumps(dict(
             env = {k: v for k, v in os.environ.items() if k != "HOME"}
             env["BENCH_TEST"] = "yes"
             log = st.tmp / "child.log"
+            # A descriptor open on exec, as one inherited from whoever started the benchmark.
+            leak_r, leak_w = os.pipe()
+            os.set_inheritable(leak_w, True)
+            self.addCleanup(os.close, leak_r)
+            self.addCleanup(os.close, leak_w)
             srv = st.spawn(
                 "child", [sys.executable, "-c", self.CHILD], ports[0], log, 15, env=env,
                 listeners={"registry": reg, "admin": admin},
@@ -241,8 +247,9 @@ print(json.dumps(dict(
         self.assertEqual((got["fds"], got["names"]), ("2", "registry:admin"))
         self.assertEqual((got["bench"], got["home"]), ("yes", False))
         self.assertEqual(got["ports"], {"3": [ports[0], 1], "4": [ports[1], 1]})
-        # stdio, the two sockets, and what the child itself opened (its dups, the listing).
+        # stdio, the two sockets and the listing's own descriptor: nothing inherited.
         self.assertEqual(got["open"][:5], [0, 1, 2, 3, 4])
+        self.assertEqual(len(got["open"]), 6, got["open"])
 
 
 @unittest.skipUnless(c.DOCKSIDE_BIN.exists(), "needs the release binary (cargo build --release)")
