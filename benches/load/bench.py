@@ -5,7 +5,9 @@ One run starts Debian's docker-registry as the upstream, pushes the test content
 starts next to it dockside (the release binary), docker-registry in proxy mode pointing at the
 same upstream, and nginx serving the same blob and manifest as static files. Then it measures,
 part by part, and prints a markdown table with every figure side by side and as ratios, and the
-targets of issue #5 with whether this run met them.
+targets of issue #5 with whether this run met them. The cluster part (issue #8) puts one
+dockside, 3 independent ones, a 3-member cluster and a 4th member joining it side by side in a
+table of its own.
 
     cargo build --release && python3 benches/load/bench.py [--quick] [--out FILE]
 
@@ -41,6 +43,8 @@ class Sizes:
     wrk_seconds: int
     wrk_repeats: int
     pull_rounds: int
+    cluster_blob: int
+    cluster_clients: int
 
 
 FULL = Sizes(
@@ -55,6 +59,8 @@ FULL = Sizes(
     wrk_seconds=5,
     wrk_repeats=3,
     pull_rounds=5,
+    cluster_blob=500 * MiB,
+    cluster_clients=30,
 )
 # Same shape, smaller: a smoke run that every part still goes through.
 QUICK = replace(
@@ -65,10 +71,12 @@ QUICK = replace(
     wrk_seconds=3,
     wrk_repeats=1,
     pull_rounds=1,
+    cluster_blob=16 * MiB,
 )
 
 BLOB_REPO = "bench/blobs"
 HERD_REPO = "bench/herd"
+CLUSTER_REPO = "bench/cluster"
 ACCEPT_HDR = f"Accept: {c.ACCEPT}"
 
 
@@ -77,6 +85,7 @@ class Bench:
         self.st = st
         self.sz = sizes
         self.rows = []
+        self.cluster_rows = []
         self.parts = []
         self.notes = []
 
@@ -357,6 +366,138 @@ class Bench:
         self.st.stop(d)
         return ready, served
 
+    # --- cluster -------------------------------------------------------------------------------
+
+    def cluster(self):
+        """Issue #8: one herd of clients through one dockside, 3 independent ones, a 3-member
+        cluster, then through a 4th, empty member joining the warm cluster."""
+        st, sz = self.st, self.sz
+        img = self.images["small"]
+        blob = c.random_bytes(52, sz.cluster_blob)
+        digest = c.push_blob(self.up, CLUSTER_REPO, blob)
+        del blob
+        # A client's pull: the small image's manifest by tag, its blobs, then the big blob.
+        want = [(f"/v2/{img.name}/manifests/{img.tag}", len(img.manifest))]
+        want += [(f"/v2/{img.name}/blobs/{d}", size) for d, size in img.blobs]
+        want.append((f"/v2/{CLUSTER_REPO}/blobs/{digest}", sz.cluster_blob))
+        paths = {"blob": want[-1][0], "tag": want[0][0]}
+        secret = c.write_secret(st.dir("cluster") / "cluster-secret")
+        runs = {}
+        for key, n, name, cluster in (
+            ("one", 1, "single", False),
+            ("independent", 3, "independent", False),
+            ("cluster", 3, "member", True),
+        ):
+            servers = c.start_replicas(
+                st, self.up, n, name, secret_file=secret if cluster else None
+            )
+            runs[key] = self.cluster_herd(key, servers, servers, want, paths)
+            if key != "cluster":
+                for srv in servers:
+                    st.stop(srv)
+        members = servers
+        # The 4th lists the 3 and itself; the 3 keep their lists.
+        known = [m.host for m in members]
+        fourth = c.start_replicas(st, self.up, 1, "joined", secret, known=known)
+        runs["joined"] = self.cluster_herd("joined", fourth, members + fourth, want, paths)
+        for srv in fourth + members:
+            st.stop(srv)
+        self.cluster_table(runs, sz.cluster_clients, sz.cluster_blob, img)
+
+    def cluster_herd(self, key, targets, watched, want, paths):
+        """`cluster_clients` clients spread round-robin over `targets`, each fetching `want`'s
+        paths in order. Upstream requests from the upstream's access log; bytes from peers and
+        fills from the /metrics of `watched` (every dockside that may take part)."""
+        n = self.sz.cluster_clients
+        clients = [targets[i % len(targets)] for i in range(n)]
+        urls = [[srv.url + path for path, _ in want] for srv in clients]
+        off = self.up.log_size()
+        logs = {srv.name: srv.log_size() for srv in watched}
+        before = [c.metrics(srv) for srv in watched]
+        wall, results = c.curl_clients(urls, headers=[ACCEPT_HDR])
+        expected = [(200, size) for _, size in want]
+        for i, got in enumerate(results):
+            if [(status, size) for status, size, _ in got] != expected:
+                raise RuntimeError(
+                    f"{key}: client {i} via {clients[i].name} got {got}, want {expected}"
+                )
+        asked = c.upstream_requests_since(self.up, off)
+        after = [c.metrics(srv) for srv in watched]
+
+        def delta(name, **labels):
+            return sum(
+                c.metric_sum(a, name, **labels) - c.metric_sum(b, name, **labels)
+                for a, b in zip(after, before)
+            )
+
+        label = CLUSTER_COLUMNS[key]
+        for srv in watched:
+            warned = c.log_warnings(srv, logs[srv.name])
+            if warned:
+                self.notes.append(
+                    f"cluster, {label}: {srv.name} logged {len(warned)} WARN/ERROR lines, "
+                    f"the first: `{warned[0].strip()}`"
+                )
+        errors = delta("dockside_requests_total", outcome="error")
+        if errors:
+            self.notes.append(
+                f"cluster, {label}: {errors:.0f} requests counted as outcome=\"error\" "
+                "in /metrics, though every client got all it asked for"
+            )
+        per_target = {}
+        for srv, got in zip(clients, results):
+            per_target.setdefault(srv.name, []).append(sum(secs for _, _, secs in got))
+
+        def gets(path):
+            return sum(1 for r in asked if r[0] == "GET" and r[1] == path)
+
+        out = {
+            "wall": wall,
+            "slowest": max(sum(secs for _, _, secs in got) for got in results),
+            "blob_gets": gets(paths["blob"]),
+            "tag_gets": gets(paths["tag"]),
+            "requests": len(asked),
+            "upstream_mib": sum(r[3] for r in asked) / MiB,
+            "peer_mib": delta("dockside_origin_received_bytes_total", kind="peer") / MiB,
+            "owned": delta("dockside_cluster_fills_total", role="owned"),
+            "forwarded": delta("dockside_cluster_fills_total", role="forwarded"),
+        }
+        log(
+            f"   {key}: {wall:.1f}s, {out['blob_gets']} upstream blob GETs, "
+            f"{out['requests']} upstream requests, {out['upstream_mib']:.0f} MiB upstream, "
+            f"{out['peer_mib']:.0f} MiB from peers; slowest client per replica: "
+            + ", ".join(f"{name} {max(t):.1f}s" for name, t in per_target.items())
+        )
+        return out
+
+    def cluster_table(self, runs, n, size, img):
+        def row(what, unit, measure, target="", ok=None, clustered_only=False):
+            values = {
+                k: (None if clustered_only and k in ("one", "independent") else r[measure])
+                for k, r in runs.items()
+            }
+            self.cluster_rows.append(
+                dict(what=what, unit=unit, target=target, ok=ok, values=values)
+            )
+
+        def one_fetch(measure):
+            return runs["cluster"][measure] == runs["one"][measure] == 1
+
+        mb = img.size / 1e6
+        row(f"{n} clients: {img.name} ({mb:.0f} MB) + a cold {size // MiB} MiB blob, wall time",
+            "s", "wall")
+        row("slowest client (the sum of its transfers)", "s", "slowest")
+        row(f"upstream GETs of the {size // MiB} MiB blob", "GETs", "blob_gets",
+            "cluster 1, as 1 replica", one_fetch("blob_gets"))
+        row("upstream GETs of the tag's manifest", "GETs", "tag_gets",
+            "cluster 1, as 1 replica", one_fetch("tag_gets"))
+        row("upstream requests, all", "requests", "requests",
+            "4th member 0", runs["joined"]["requests"] == 0)
+        row("upstream bytes", "MiB", "upstream_mib")
+        row("bytes received from peers", "MiB", "peer_mib", clustered_only=True)
+        row("fills owned", "fills", "owned", clustered_only=True)
+        row("fills forwarded to the owner", "fills", "forwarded", clustered_only=True)
+
 
 def make_cache(cache, n):
     """`n` small objects laid out as dockside keeps them; each file hashes to its name."""
@@ -378,6 +519,8 @@ def make_cache(cache, n):
 def fmt(v, unit):
     if v is None:
         return "–"
+    if unit in ("GETs", "requests", "fills"):
+        return f"{v:.0f}"
     if unit == "req/s":
         return f"{v:,.0f}"
     if unit in ("MiB", "× blob"):
@@ -401,12 +544,32 @@ def ratios(values):
     return ", ".join(out)
 
 
-def table(rows):
-    head = "| measure | unit | dockside | distribution | nginx | direct | ratios | target | met |"
-    lines = [head, "|" + "---|" * 9]
+SERVER_COLUMNS = {k: k for k in ("dockside", "distribution", "nginx", "direct")}
+CLUSTER_COLUMNS = {
+    "one": "1 replica",
+    "independent": "3 independent",
+    "cluster": "3-member cluster",
+    "joined": "4th member joins, warm",
+}
+
+
+def cluster_ratios(values):
+    """The 3-member cluster against one replica and against 3 independent ones."""
+    d = values.get("cluster")
+    out = []
+    for other, short in (("one", "1 replica"), ("independent", "indep")):
+        o = values.get(other)
+        if d is not None and o:
+            out.append(f"cluster/{short} {d / o:.2f}")
+    return ", ".join(out)
+
+
+def table(rows, columns=SERVER_COLUMNS, ratios=ratios):
+    head = "| measure | unit | " + " | ".join(columns.values()) + " | ratios | target | met |"
+    lines = [head, "|" + "---|" * (len(columns) + 5)]
     for r in rows:
         v = r["values"]
-        cells = [fmt(v.get(k), r["unit"]) for k in ("dockside", "distribution", "nginx", "direct")]
+        cells = [fmt(v.get(k), r["unit"]) for k in columns]
         met = {True: "yes", False: "**no**", None: ""}[r["ok"]]
         lines.append(
             f"| {r['what']} | {r['unit']} | " + " | ".join(cells)
@@ -438,8 +601,19 @@ def report(b, mode, started, load_before):
         f"{time.time() - started:.0f} s. Machine: {machine()}. "
         f"Load average before / after: {load_before} / {os.getloadavg()[0]:.2f}.",
         "",
-        table(b.rows),
-        "",
+    ]
+    if b.rows:
+        lines += [table(b.rows), ""]
+    if b.cluster_rows:
+        lines += [
+            f"Cluster (issue #8): {b.sz.cluster_clients} clients spread round-robin over the "
+            "replicas, each fetching the same cold content; the 4th member, empty, joins the "
+            "warm 3-member cluster and takes all the clients.",
+            "",
+            table(b.cluster_rows, CLUSTER_COLUMNS, cluster_ratios),
+            "",
+        ]
+    lines += [
         "Time per part: " + ", ".join(f"{n} {s:.0f}s" for n, s in b.parts) + ".",
     ]
     if b.notes:
@@ -454,7 +628,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
     ap.add_argument(
         "--only",
-        help="comma-separated parts to run (blob,manifest,pull,herd,rss,startup); default all",
+        help="comma-separated parts to run (blob,manifest,pull,herd,rss,startup,cluster); "
+        "default all",
     )
     args = ap.parse_args()
     c.raise_fd_limit()
@@ -467,6 +642,7 @@ def main():
         "herd": ("herd", "herd"),
         "rss": ("peak RSS", "peak_rss"),
         "startup": ("start with a big cache", "startup"),
+        "cluster": ("cluster", "cluster"),
     }
     chosen = args.only.split(",") if args.only else list(parts)
     if "rss" in chosen and "herd" not in chosen:

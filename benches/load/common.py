@@ -5,6 +5,7 @@ a `Stack`, and stopped by its PID when the stack closes: on success, on an excep
 Ctrl-C or SIGTERM alike. All state lives in one temp dir that is removed afterwards.
 """
 
+import fcntl
 import hashlib
 import http.client
 import io
@@ -69,9 +70,21 @@ def raise_fd_limit(want=65536):
 
 
 def free_port():
+    """For docker-registry and nginx, which take only an address: bound, then let go."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listener():
+    """A socket listening on a free loopback port, bound here: dockside is handed it by socket
+    activation (`Stack.spawn(listeners=...)`), so its port is known before dockside starts and
+    nothing else can take it in between. The backlog is the one dockside asks for itself
+    (the kernel caps it at net.core.somaxconn): a herd of clients must not be refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(65535)
+    return s
 
 
 def sha256_hex(data):
@@ -136,8 +149,17 @@ class Stack:
         d.mkdir(parents=True)
         return d
 
-    def spawn(self, name, argv, port, log_path, stop_signal, env=None):
+    def spawn(self, name, argv, port, log_path, stop_signal, env=None, listeners=None):
+        """Starts `argv` in its own session, output to `log_path`. `listeners`, a dict of
+        name to listening socket, is passed by socket activation (see `activation_child`);
+        this process closes its copies once the child has them."""
         out = open(log_path, "ab")
+        child, close_fds = None, True
+        if listeners:
+            # The sockets go on fds 3, 4, ... and the child's environment is set in the child
+            # (LISTEN_PID is its own PID), so it must not close what it inherits.
+            child = activation_child(listeners, env)
+            env, close_fds = None, False
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -145,8 +167,12 @@ class Stack:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=child,
+            close_fds=close_fds,
         )
         out.close()
+        for sock in (listeners or {}).values():
+            sock.close()
         srv = Server(name, proc, port, log_path, stop_signal)
         self.servers.append(srv)
         return srv
@@ -175,6 +201,41 @@ class Stack:
             log(f"kept {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def activation_child(listeners, env=None):
+    """What a child runs between fork and exec to receive `listeners` as systemd's socket
+    activation passes them: the sockets on fds 3, 4, ... in order, `LISTEN_FDS` their count,
+    `LISTEN_FDNAMES` their names joined by `:`, `LISTEN_PID` the child's own PID. `env`, when
+    given, replaces the rest of the environment. Descriptors this process inherited, open on exec,
+    are closed, as `close_fds` would (which would close the sockets too); the rest are
+    close-on-exec (Python's default), subprocess's error pipe among them."""
+    fds = [sock.fileno() for sock in listeners.values()]
+    names = ":".join(listeners)
+
+    def child():
+        # Copies above the targets first, so that placing one on 3 cannot close another.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]
+        for target, fd in enumerate(high, start=3):
+            os.dup2(fd, target)  # inheritable: it survives exec
+            os.close(fd)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                if fd >= 3 + len(fds) and os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        if env is not None:
+            for key in set(os.environ) - set(env):
+                os.unsetenv(key)
+            for key, value in env.items():
+                os.putenv(key, value)
+        os.putenv("LISTEN_FDS", str(len(fds)))
+        os.putenv("LISTEN_FDNAMES", names)
+        os.putenv("LISTEN_PID", str(os.getpid()))
+
+    return child
 
 
 def _raise_interrupt(signum, frame):
@@ -255,26 +316,132 @@ def start_registry(st, name, proxy_of=None, storage=None, accesslog=False):
 
 def start_dockside(st, upstream, cache_dir=None, name="dockside", ready_timeout=120):
     """The release binary with a fresh (or the given) cache dir; per-request logs off (warn)."""
+    srv = spawn_dockside(st, upstream, cache_dir=cache_dir, name=name)
+    wait_dockside(srv, ready_timeout)
+    return srv
+
+
+def spawn_dockside(st, upstream, cache_dir=None, name="dockside", sockets=None, extra_yaml=""):
+    """Starts dockside without waiting for it (`wait_dockside`). Its listeners are bound here
+    and passed by socket activation; `sockets` = (registry, admin) when the caller bound them
+    already (a cluster's members must know each other's ports before any starts).
+    `extra_yaml` is appended to the config."""
     if not DOCKSIDE_BIN.exists():
         raise RuntimeError(f"{DOCKSIDE_BIN} is missing: run `cargo build --release` first")
     d = st.dir(name)
     cache_dir = cache_dir or d / "cache"
-    port, admin = free_port(), free_port()
-    cfg = (
+    registry, admin = sockets or (listener(), listener())
+    port, admin_port = registry.getsockname()[1], admin.getsockname()[1]
+    (d / "dockside.yaml").write_text(dockside_yaml(port, admin_port, cache_dir, upstream.url)
+                                     + extra_yaml)
+    env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_DOCKSIDE_LOG", "warn"), NO_COLOR="1")
+    argv = [str(DOCKSIDE_BIN), "serve", "--config", str(d / "dockside.yaml")]
+    srv = st.spawn(
+        name, argv, port, d / "dockside.log", signal.SIGINT, env=env,
+        listeners={"registry": registry, "admin": admin},
+    )
+    srv.extra.update(cache=cache_dir, admin=admin_port, started=time.monotonic(), dir=d)
+    return srv
+
+
+def wait_dockside(srv, timeout=120):
+    wait_until(f"{srv.name} to answer /v2/", lambda: answers(f"{srv.url}/v2/"), srv, timeout)
+
+
+def dockside_yaml(port, admin_port, cache_dir, upstream_url):
+    """The config every dockside of the benchmark runs with. The addresses are those of the
+    sockets it is passed (`serve` listens on those and reads these only for the log)."""
+    return (
         f'listen: "127.0.0.1:{port}"\n'
-        f'admin_listen: "127.0.0.1:{admin}"\n'
+        f'admin_listen: "127.0.0.1:{admin_port}"\n'
         "grace_period: 1s\n"
         f"cache:\n  dir: {json.dumps(str(cache_dir))}\n  max_size: 200GiB\n  tag_ttl: 1h\n"
-        f"upstreams:\n  - name: {UPSTREAM_NAME}\n    url: {upstream.url}\n"
+        f"upstreams:\n  - name: {UPSTREAM_NAME}\n    url: {upstream_url}\n"
         f"default_upstream: {UPSTREAM_NAME}\n"
     )
-    (d / "dockside.yaml").write_text(cfg)
-    env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_DOCKSIDE_LOG", "warn"))
-    argv = [str(DOCKSIDE_BIN), "serve", "--config", str(d / "dockside.yaml")]
-    srv = st.spawn(name, argv, port, d / "dockside.log", signal.SIGINT, env=env)
-    srv.extra.update(cache=cache_dir, admin=admin, started=time.monotonic())
-    wait_until("dockside to answer /v2/", lambda: answers(f"{srv.url}/v2/"), srv, ready_timeout)
-    return srv
+
+
+def cluster_yaml(me, peers, secret_file, health_interval="1s"):
+    """The `cluster:` section of one member: `me` as the others reach it, `peers` all members
+    (itself among them), the shared secret's file."""
+    return (
+        "cluster:\n"
+        f"  advertise: {json.dumps(me)}\n"
+        f"  peers: {json.dumps(list(peers))}\n"
+        f"  secret_file: {json.dumps(str(secret_file))}\n"
+        f"  health_interval: {health_interval}\n"
+    )
+
+
+def write_secret(path):
+    """A cluster secret: 64 random hex characters (dockside wants at least 32 bytes)."""
+    path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start_replicas(st, upstream, n, name, secret_file=None, known=()):
+    """`n` docksides on their own ports, admin ports and cache dirs, all spawned before any is
+    waited for. With `secret_file` they form a cluster: each lists the `known` members' and the
+    new ones' registry addresses (itself included); without, each is a cache of its own."""
+    sockets = [(listener(), listener()) for _ in range(n)]
+    hosts = [f"127.0.0.1:{reg.getsockname()[1]}" for reg, _ in sockets]
+    peers = [*known, *hosts]
+    servers = []
+    for i, (pair, me) in enumerate(zip(sockets, hosts)):
+        extra = cluster_yaml(me, peers, secret_file) if secret_file else ""
+        servers.append(
+            spawn_dockside(st, upstream, name=f"{name}-{i + 1}", sockets=pair, extra_yaml=extra)
+        )
+    for srv in servers:
+        wait_dockside(srv)
+    if secret_file:
+        for srv in servers:
+            want = len(peers)
+            wait_until(
+                f"{srv.name} to see {want} cluster members up",
+                lambda: metrics(srv).get('dockside_cluster_members{state="up"}') == want,
+                srv,
+            )
+    return servers
+
+
+def metrics(srv):
+    """A dockside's /metrics as {series as printed: value}."""
+    status, _, body = request(f"http://127.0.0.1:{srv.extra['admin']}/metrics")
+    if status != 200:
+        raise RuntimeError(f"{srv.name}: /metrics answered {status}")
+    return parse_metrics(body.decode())
+
+
+def parse_metrics(text):
+    """Prometheus text format to {`name{labels}` as printed: value}; comments skipped."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        out[series] = float(value)
+    return out
+
+
+LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_sum(values, name, **labels):
+    """The sum of `name`'s series whose labels include `labels` (e.g. kind="peer")."""
+    total = 0.0
+    for series, value in values.items():
+        base, _, rest = series.partition("{")
+        if base == name and labels.items() <= dict(LABEL_RE.findall(rest)).items():
+            total += value
+    return total
+
+
+def log_warnings(srv, start=0):
+    """dockside's WARN and ERROR lines from byte `start` of its log on."""
+    lines = srv.log_text(start).splitlines()
+    return [line for line in lines if re.search(r"\b(WARN|ERROR)\b", line)]
 
 
 def start_nginx(st, root):
@@ -562,3 +729,43 @@ def curl_many(url, n, timeout=900, headers=()):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+CURL_WRITE_OUT = r"%{http_code} %{size_download} %{time_total}\n"
+
+
+def curl_clients(url_lists, timeout=900, headers=()):
+    """One curl per list of URLs, all started at once, each fetching its URLs in order on one
+    connection to /dev/null: (wall seconds, per client [(status, bytes, seconds)] per URL)."""
+    base = ["curl", "-s", "-w", CURL_WRITE_OUT]
+    for h in headers:
+        base += ["-H", h]
+    procs = []
+    t0 = time.monotonic()
+    try:
+        for urls in url_lists:
+            argv = list(base)
+            for url in urls:
+                argv += ["-o", "/dev/null", url]
+            procs.append(
+                subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            )
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+            results.append(parse_curl_write_out(out))
+        return time.monotonic() - t0, results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def parse_curl_write_out(out):
+    """`CURL_WRITE_OUT` lines, one per transfer, as [(status, bytes, seconds)]."""
+    got = []
+    for line in out.splitlines():
+        code, size, secs = line.split()
+        got.append((int(code), int(size), float(secs)))
+    return got

@@ -5,6 +5,8 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -132,6 +134,148 @@ class Report(unittest.TestCase):
     def test_missed_target_is_bold(self):
         rows = [dict(what="x", unit="s", target="≤ 1", ok=False, values={"dockside": 2.0})]
         self.assertIn("| ≤ 1 | **no** |", bench.table(rows))
+
+    def test_cluster_table_has_a_column_per_deployment_and_cluster_ratios(self):
+        rows = [
+            dict(what="wall", unit="s", target="", ok=None,
+                 values={"one": 2.0, "independent": 4.0, "cluster": 3.0, "joined": 1.0}),
+            dict(what="gets", unit="GETs", target="cluster 1", ok=True,
+                 values={"one": 1, "independent": 3, "cluster": 1, "joined": 0}),
+        ]
+        got = bench.table(rows, bench.CLUSTER_COLUMNS, bench.cluster_ratios).splitlines()
+        self.assertEqual(
+            got[0],
+            "| measure | unit | 1 replica | 3 independent | 3-member cluster "
+            "| 4th member joins, warm | ratios | target | met |",
+        )
+        self.assertEqual(got[1], "|" + "---|" * 9)
+        self.assertEqual(
+            got[2], "| wall | s | 2.00 | 4.00 | 3.00 | 1.00 "
+            "| cluster/1 replica 1.50, cluster/indep 0.75 |  |  |"
+        )
+        self.assertEqual(
+            got[3], "| gets | GETs | 1 | 3 | 1 | 0 "
+            "| cluster/1 replica 1.00, cluster/indep 0.33 | cluster 1 | yes |"
+        )
+        self.assertEqual(bench.cluster_ratios({"one": 0, "cluster": None}), "")
+
+
+# dockside's /metrics (a member of a 2-member cluster, main 6899a5a), cut down.
+METRICS = """# HELP dockside_cluster_fills_total Blob fills started, by role.
+# TYPE dockside_cluster_fills_total counter
+dockside_cluster_fills_total{role="owned"} 2
+dockside_cluster_members{state="down"} 0
+dockside_cluster_members{state="up"} 2
+dockside_origin_received_bytes_total{kind="upstream",origin="bench.local"} 5000
+dockside_origin_received_bytes_total{kind="peer",origin="127.0.0.1:48307"} 700
+dockside_origin_received_bytes_total{kind="peer",origin="127.0.0.1:39741"} 1e3
+dockside_peer_requests_total{direction="received",mode="held",outcome="ok"} 1
+dockside_peer_requests_total{direction="sent",mode="held",outcome="not_found"} 2
+dockside_fills_in_flight 0
+"""
+
+
+class Metrics(unittest.TestCase):
+    def test_series_as_printed(self):
+        m = c.parse_metrics(METRICS)
+        self.assertEqual(m['dockside_cluster_members{state="up"}'], 2.0)
+        self.assertEqual(m["dockside_fills_in_flight"], 0.0)
+        self.assertEqual(len(m), 9)
+
+    def test_sum_over_the_series_with_the_labels_asked(self):
+        m = c.parse_metrics(METRICS)
+        name = "dockside_origin_received_bytes_total"
+        self.assertEqual(c.metric_sum(m, name, kind="peer"), 1700.0)
+        self.assertEqual(c.metric_sum(m, name), 6700.0)
+        self.assertEqual(c.metric_sum(m, name, kind="upstream", origin="bench.local"), 5000.0)
+        self.assertEqual(c.metric_sum(m, "dockside_cluster_fills_total", role="forwarded"), 0.0)
+        self.assertEqual(
+            c.metric_sum(m, "dockside_peer_requests_total", direction="sent"), 2.0
+        )
+        # A name is matched whole, not as a prefix.
+        self.assertEqual(c.metric_sum(m, "dockside_cluster_fills"), 0.0)
+
+
+class CurlWriteOut(unittest.TestCase):
+    def test_one_line_per_transfer(self):
+        # curl 7.88.1, one invocation fetching a blob and then a missing one.
+        out = "200 5000 0.015061\n404 228 0.004005\n"
+        self.assertEqual(
+            c.parse_curl_write_out(out), [(200, 5000, 0.015061), (404, 228, 0.004005)]
+        )
+
+
+class SocketActivation(unittest.TestCase):
+    CHILD = """
+import json, os, socket
+opened = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+fds = {}
+for fd in (3, 4):
+    s = socket.socket(fileno=os.dup(fd))
+    fds[fd] = [s.getsockname()[1], s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
+print(json.dumps(dict(
+    pid_ok=os.environ.get("LISTEN_PID") == str(os.getpid()),
+    fds=os.environ.get("LISTEN_FDS"), names=os.environ.get("LISTEN_FDNAMES"),
+    bench=os.environ.get("BENCH_TEST"), home="HOME" in os.environ,
+    open=opened,
+    ports={str(k): v for k, v in fds.items()},
+)))
+"""
+
+    def test_child_gets_the_sockets_on_3_and_4_and_its_own_pid(self):
+        with c.Stack() as st:
+            reg, admin = c.listener(), c.listener()
+            ports = [reg.getsockname()[1], admin.getsockname()[1]]
+            env = {k: v for k, v in os.environ.items() if k != "HOME"}
+            env["BENCH_TEST"] = "yes"
+            log = st.tmp / "child.log"
+            # A descriptor open on exec, as one inherited from whoever started the benchmark.
+            leak_r, leak_w = os.pipe()
+            os.set_inheritable(leak_w, True)
+            self.addCleanup(os.close, leak_r)
+            self.addCleanup(os.close, leak_w)
+            srv = st.spawn(
+                "child", [sys.executable, "-c", self.CHILD], ports[0], log, 15, env=env,
+                listeners={"registry": reg, "admin": admin},
+            )
+            srv.proc.wait(30)
+            self.assertEqual(srv.proc.returncode, 0, log.read_text())
+            got = json.loads(log.read_text())
+            # The parent's copies are closed once the child has its own.
+            self.assertEqual((reg.fileno(), admin.fileno()), (-1, -1))
+        self.assertTrue(got["pid_ok"])
+        self.assertEqual((got["fds"], got["names"]), ("2", "registry:admin"))
+        self.assertEqual((got["bench"], got["home"]), ("yes", False))
+        self.assertEqual(got["ports"], {"3": [ports[0], 1], "4": [ports[1], 1]})
+        # stdio, the two sockets and the listing's own descriptor: nothing inherited.
+        self.assertEqual(got["open"][:5], [0, 1, 2, 3, 4])
+        self.assertEqual(len(got["open"]), 6, got["open"])
+
+
+@unittest.skipUnless(c.DOCKSIDE_BIN.exists(), "needs the release binary (cargo build --release)")
+class ClusterConfig(unittest.TestCase):
+    def check(self, path):
+        return subprocess.run(
+            [str(c.DOCKSIDE_BIN), "check-config", "--config", str(path)],
+            capture_output=True, text=True,
+        )
+
+    def test_each_members_config_is_one_dockside_accepts(self):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            secret = c.write_secret(d / "cluster-secret")
+            self.assertGreaterEqual(len(secret.read_bytes().strip()), 32)
+            peers = ["127.0.0.1:5001", "127.0.0.1:5011", "127.0.0.1:5021"]
+            base = c.dockside_yaml(5001, 5002, d / "cache", "http://127.0.0.1:5000")
+            good, bad = d / "good.yaml", d / "bad.yaml"
+            good.write_text(base + c.cluster_yaml(peers[0], peers, secret))
+            bad.write_text(base + c.cluster_yaml(peers[0], peers[1:], secret))
+            r = self.check(good)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            # The check is a real one: a member missing from its own list is refused.
+            r = self.check(bad)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("cluster.peers", r.stderr)
 
 
 if __name__ == "__main__":
