@@ -233,6 +233,9 @@ impl Mirror {
         if route.head {
             resp.body = Body::Empty;
         }
+        if peers::is_held_only(via) && resp.status == StatusCode::NOT_FOUND {
+            resp.outcome = Outcome::NotHeld;
+        }
         if let Some(upstream) = &resp.upstream {
             self.metrics
                 .requests

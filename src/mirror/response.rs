@@ -40,6 +40,9 @@ pub enum Outcome {
     Stale,
     /// Passed through from upstream without caching.
     Pass,
+    /// A member asked for what this replica holds, and it holds nothing (an expected miss
+    /// of the cluster's probe, not a failure).
+    NotHeld,
     Error,
 }
 
@@ -51,6 +54,7 @@ impl Outcome {
             Outcome::Coalesced => "coalesced",
             Outcome::Stale => "stale",
             Outcome::Pass => "pass",
+            Outcome::NotHeld => "not_held",
             Outcome::Error => "error",
         }
     }

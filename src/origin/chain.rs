@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::{Origin, OriginBody, OriginError, OriginName};
+use super::{Origin, OriginBody, OriginError, OriginErrorKind, OriginName};
 use crate::oci::Digest;
 
 pub struct ChainOrigin {
@@ -57,6 +57,11 @@ impl Origin for ChainOrigin {
                     self.current.store(i, Ordering::Release);
                     return Err(e);
                 }
+                // A member that does not hold it: the expected answer of a probe.
+                Err(e) if matches!(e.kind, OriginErrorKind::NotHeld) => {
+                    debug!(%digest, origin = %e.origin, "not held there; trying the next");
+                    i += 1;
+                }
                 Err(e) => {
                     let next = self.at(i + 1).name();
                     warn!(%digest, from, error = %e, next = %next, "origin failed; trying the next");
@@ -89,8 +94,8 @@ impl ChainOrigin {
 
 #[cfg(test)]
 mod tests {
+    use super::super::OriginKind;
     use super::super::fixed::{Fault, FixedOrigin};
-    use super::super::{OriginErrorKind, OriginKind};
     use super::*;
     use bytes::Bytes;
 
