@@ -585,6 +585,18 @@ async fn routing_by_ns_prefix_and_default() {
     .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+    // A path prefix naming a registry that is not configured: refused like that ns, not asked
+    // of the default upstream as repository `quay.io/owner/app`.
+    let before = (hub.log().len(), ghcr.log().len());
+    for path in ["manifests/1", "tags/list", &format!("blobs/{hub_blob}")] {
+        let resp = get(&format!("{}/v2/quay.io/owner/app/{path}", m.base)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN", "{path}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("\"quay.io\""), "{message}");
+    }
+    assert_eq!((hub.log().len(), ghcr.log().len()), before);
     // Tag lists pass through.
     let resp = get(&format!("{}/v2/ghcr.io/owner/app/tags/list", m.base)).await;
     let v: serde_json::Value = resp.json().await.unwrap();
@@ -633,6 +645,14 @@ async fn client_errors_are_oci_json_with_the_right_code() {
             StatusCode::NOT_FOUND,
             "MANIFEST_UNKNOWN",
         ),
+        // A reference no manifest can have: 404 as distribution answers (the conformance
+        // suite's pull workflow asks for it), and nothing is asked upstream.
+        (
+            "GET",
+            "/v2/app/manifests/.INVALID_MANIFEST_NAME",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
     ];
     for (method, path, status, code) in cases {
         let resp = client
@@ -643,6 +663,12 @@ async fn client_errors_are_oci_json_with_the_right_code() {
         assert_eq!(resp.status(), status, "{method} {path}");
         assert_eq!(error_code(resp).await, code, "{method} {path}");
     }
+    let resp = client
+        .head(format!("{}/v2/app/manifests/.INVALID_MANIFEST_NAME", m.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let missing = digest_of(b"missing");
     let resp = get(&format!("{}/v2/app/blobs/{missing}", m.base)).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
@@ -651,7 +677,7 @@ async fn client_errors_are_oci_json_with_the_right_code() {
     assert!(
         fake.log()
             .iter()
-            .all(|l| !l.contains("ABC") && !l.starts_with("PUT"))
+            .all(|l| !l.contains("ABC") && !l.starts_with("PUT") && !l.contains("INVALID"))
     );
 }
 
@@ -831,4 +857,46 @@ async fn head_during_a_fill_is_answered_by_the_fill() {
         data.len().to_string().as_str()
     );
     assert_eq!(fake.count("HEAD "), 0, "{:?}", fake.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_miss_from_an_offline_upstream_says_it_is_offline_and_not_cached() {
+    let fake = FakeUpstream::start().await;
+    let m = start_mirror(&one_upstream(&fake, "    offline: true\n"), "5m").await;
+    let missing = digest_of(b"never cached");
+    let cases = [
+        (
+            "/v2/other/manifests/1.0".to_string(),
+            "MANIFEST_UNKNOWN",
+            "manifest library/other:1.0 is not cached",
+        ),
+        (
+            format!("/v2/other/manifests/{missing}"),
+            "MANIFEST_UNKNOWN",
+            "is not cached",
+        ),
+        (
+            format!("/v2/other/blobs/{missing}"),
+            "BLOB_UNKNOWN",
+            "is not cached",
+        ),
+        (
+            "/v2/other/tags/list".to_string(),
+            "NAME_UNKNOWN",
+            "library/other/tags/list, which dockside passes to the upstream, is not cached",
+        ),
+    ];
+    for (path, code, says) in cases {
+        let resp = get(&format!("{}{path}", m.base)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], code, "{path}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+        assert!(
+            message.ends_with("upstream docker.io is offline (offline: true)"),
+            "{path}: {message}"
+        );
+    }
+    assert!(fake.log().is_empty(), "{:?}", fake.log());
 }
