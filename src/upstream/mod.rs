@@ -39,6 +39,9 @@ pub enum UpstreamErrorKind {
     Timeout(String),
     #[error("unreachable: {0}")]
     Connect(String),
+    /// Every URL's circuit is open (it kept failing), so none was asked; not retried either.
+    #[error("not asked while it keeps failing ({0}); it is tried again after circuit.cooldown")]
+    CircuitOpen(String),
     #[error("body failed: {0}")]
     Body(String),
     #[error("body larger than {limit} bytes")]
@@ -67,7 +70,12 @@ impl UpstreamError {
         use UpstreamErrorKind::*;
         match &self.kind {
             Status(code) => *code >= 500,
-            Timeout(_) | Connect(_) | Body(_) | Truncated { .. } | TooManyRequests { .. } => true,
+            Timeout(_)
+            | Connect(_)
+            | CircuitOpen(_)
+            | Body(_)
+            | Truncated { .. }
+            | TooManyRequests { .. } => true,
             _ => false,
         }
     }

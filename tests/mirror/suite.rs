@@ -900,3 +900,55 @@ async fn a_miss_from_an_offline_upstream_says_it_is_offline_and_not_cached() {
     }
     assert!(fake.log().is_empty(), "{:?}", fake.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_the_circuit_is_open_stale_tags_are_served_without_asking_upstream() {
+    let fake = FakeUpstream::start().await;
+    let v1 = image_manifest(&[&digest_of(b"one")]);
+    let d1 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v1);
+    let circuit = "    retries: 2\n    circuit: { failures: 1, cooldown: 1h }\n";
+    let m = start_mirror(&one_upstream(&fake, circuit), "1s").await;
+    let url = format!("{}/v2/app/manifests/1", m.base);
+    assert_eq!(get(&url).await.headers()["docker-content-digest"], d1.as_str());
+
+    // The 1 s TTL, slept out in full; then the upstream fails once and the circuit opens.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.set_down(true);
+    let before = fake.log().len();
+    let stale = || async {
+        let resp = get(&url).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["docker-content-digest"], d1.as_str());
+    };
+    stale().await;
+    let up = format!(
+        "dockside_upstream_url_up{{upstream=\"docker.io\",url=\"{}\"}}",
+        fake.url().trim_end_matches('/')
+    );
+    assert_eq!(metrics_value(&m, &up).await, Some(0.0));
+    let asked = fake.log();
+    assert_eq!(
+        asked[before..],
+        ["HEAD /v2/library/app/manifests/1"],
+        "the failure that opened the circuit is not retried against it"
+    );
+
+    // While it is open: stale answers at once, with no request and no retry.
+    for _ in 0..3 {
+        stale().await;
+    }
+    assert_eq!(fake.log(), asked);
+    let retries = "dockside_upstream_retries_total{upstream=\"docker.io\"}";
+    assert_eq!(metrics_value(&m, retries).await.unwrap_or(0.0), 0.0);
+    // A tag never seen: an error at once, naming the upstream and why it was not asked.
+    let resp = get(&format!("{}/v2/app/manifests/never", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let message = v["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("upstream docker.io is unavailable: not asked while it keeps failing")
+            && message.contains("answered HTTP 503"),
+        "{message}"
+    );
+    assert_eq!(fake.log(), asked);
+}
