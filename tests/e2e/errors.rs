@@ -152,6 +152,33 @@ fn malformed_and_unknown_references_get_oci_errors() {
 }
 
 #[test]
+fn serve_and_check_config_without_a_config_use_the_built_in_default() {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config");
+    let out = run(cmd, Duration::from_secs(30));
+    assert!(out.success(), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("the built-in default config (config/dockside.yaml): ok (5 upstreams, default docker.io)"),
+        "{}",
+        out.stdout
+    );
+
+    // `serve` alone: the default config, its cache under the working directory. Only /v2/ and
+    // the admin endpoints are asked, which reach no upstream.
+    let d = Dockside::start(&Config::builtin());
+    assert!(
+        d.log()
+            .contains("the built-in default config (config/dockside.yaml)"),
+        "{}",
+        d.log()
+    );
+    assert!(d.dir().join("dockside-cache/objects").is_dir());
+    let r = http::get(&format!("{}/v2/", d.url())).unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
 fn check_config_accepts_valid_and_names_bad_keys_and_values() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream {
