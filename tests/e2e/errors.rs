@@ -174,8 +174,31 @@ fn serve_and_check_config_without_a_config_use_the_built_in_default() {
         d.log()
     );
     assert!(d.dir().join("dockside-cache/objects").is_dir());
-    let r = http::get(&format!("{}/v2/", d.url())).unwrap();
-    assert_eq!(r.status, 200);
+    for _ in 0..5 {
+        let r = http::get(&format!("{}/v2/", d.url())).unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // Each request's log line gives its time in milliseconds to the microsecond, without float
+    // noise (`elapsed_ms=0.19750500000000001`).
+    let times: Vec<String> = wait_for("5 request log lines", Duration::from_secs(30), || {
+        let times: Vec<String> = d
+            .log()
+            .lines()
+            .filter(|l| l.contains("path=\"/v2/\""))
+            .filter_map(|l| {
+                l.split("elapsed_ms=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(String::from)
+            })
+            .collect();
+        (times.len() >= 5).then_some(times)
+    });
+    for t in &times {
+        let decimals = t.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(t.parse::<f64>().is_ok() && decimals <= 3, "elapsed_ms={t}");
+    }
 }
 
 #[test]
