@@ -952,3 +952,45 @@ async fn once_the_circuit_is_open_stale_tags_are_served_without_asking_upstream(
     );
     assert_eq!(fake.log(), asked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_prefetch_counts_blobs_its_images_share_as_shared_not_already_cached() {
+    let fake = FakeUpstream::start().await;
+    fake.add_blob(b"{}");
+    let shared = fake.add_blob(b"a base layer both images have");
+    let (own_a, own_b) = (fake.add_blob(b"a's own layer"), fake.add_blob(b"b's own"));
+    for (repo, own) in [("library/a", &own_a), ("library/b", &own_b)] {
+        fake.add_manifest(repo, Some("1"), OCI_MANIFEST, &image_manifest(&[&shared, own]));
+    }
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let client = reqwest::Client::new();
+    let started: serde_json::Value = client
+        .post(format!("{}/api/prefetch", m.admin))
+        .body(r#"{"images": ["a:1", "b:1"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report_url = format!("{}{}", m.admin, started["status"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let report: serde_json::Value = get(&report_url).await.json().await.unwrap();
+        if report["state"] == "done" {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "the prefetch never ended: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let images = report["images"].as_array().unwrap();
+    let sum = |key: &str| images.iter().map(|i| i[key].as_u64().unwrap()).sum::<u64>();
+    assert!(images.iter().all(|i| i["ok"] == true), "{report}");
+    // The cache was empty: the config and the base layer were fetched once, for one image,
+    // and shared with the other, never "already cached".
+    assert_eq!(sum("blobs_cached"), 0, "{report}");
+    assert_eq!(sum("blobs_fetched"), 4, "{report}");
+    assert_eq!(sum("blobs_shared"), 2, "{report}");
+    assert_eq!(fake.count(&format!("GET /v2/library/a/blobs/{shared}"))
+        + fake.count(&format!("GET /v2/library/b/blobs/{shared}")), 1);
+}
