@@ -1,18 +1,17 @@
 //! `client_auth`: htpasswd users and bearer tokens in front of the mirror, with per-upstream
 //! access, as skopeo and plain HTTP clients meet them.
 
-use std::process::Command;
-
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry};
+use crate::support::tools;
 use crate::support::{http, skopeo};
 
 const TOKEN: &str = "ci-token-0123456789abcdef";
 
 fn htpasswd(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("htpasswd");
-    let out = Command::new("htpasswd")
+    let out = tools::command("htpasswd")
         .args(["-B", "-b", "-c", "-C", "5"])
         .arg(&path)
         .args(["alice", "wonderland"])
