@@ -271,9 +271,14 @@ impl Dockerd {
         dd
     }
 
+    /// The docker CLI's configuration directory (`DOCKER_CONFIG`: its `config.json`).
+    pub fn client_dir(&self) -> PathBuf {
+        self.dir.path().join("client")
+    }
+
     pub fn docker(&self, args: &[&str], timeout: Duration) -> CmdOut {
         let mut cmd = tools::command("docker");
-        cmd.env("DOCKER_CONFIG", self.dir.path().join("client"))
+        cmd.env("DOCKER_CONFIG", self.client_dir())
             .arg("-H")
             .arg(format!("unix://{}", self.sock.display()))
             .args(args);
