@@ -95,6 +95,7 @@ fn report_json(report: &prefetch::PrefetchReport) -> serde_json::Value {
                 "image": i.image.to_string(), "ok": true,
                 "blobs_fetched": c.blobs_fetched, "blobs_cached": c.blobs_cached,
                 "bytes_fetched": c.bytes_fetched, "bytes_cached": c.bytes_cached,
+                "blobs_shared": c.blobs_shared, "bytes_shared": c.bytes_shared,
             }),
             Err(e) => serde_json::json!({ "image": i.image.to_string(), "ok": false, "error": e }),
         })

@@ -420,6 +420,54 @@ mod tests {
         }
     }
 
+    /// The README's dockerd, podman and containerd snippets say what `client-config` writes for
+    /// the default config (podman's and containerd's: the entries the README shows).
+    #[test]
+    fn readme_snippets_are_the_generators_output() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let section = |heading: &str, fence: &str| -> String {
+            let from = readme
+                .find(heading)
+                .unwrap_or_else(|| panic!("README: {heading}"));
+            let rest = &readme[from..];
+            let start = rest.find(fence).expect("a fenced block") + fence.len() + 1;
+            let end = rest[start..].find("```").expect("its end");
+            rest[start..start + end].to_string()
+        };
+        let m = mirror("http://mirror.example:5000");
+        let config = Config::embedded_default();
+        let rendered = |client| one(render(client, &m, &config).unwrap()).contents;
+
+        let docker: serde_json::Value =
+            serde_json::from_str(&section("**dockerd** (", "```json")).unwrap();
+        let generated: serde_json::Value = serde_json::from_str(&rendered(Client::Docker)).unwrap();
+        assert_eq!(docker, generated, "README's dockerd snippet");
+
+        let podman = section("**podman / CRI-O** (", "```toml");
+        let generated = rendered(Client::Podman);
+        for entry in podman.split("\n\n") {
+            assert!(
+                generated.contains(entry),
+                "README's podman entry {entry:?} is not generated"
+            );
+        }
+
+        let containerd = section("**containerd** (", "```toml");
+        let generated = render(Client::Containerd, &m, &config).unwrap();
+        let hub = generated
+            .iter()
+            .find(|f| f.path.ends_with("docker.io/hosts.toml"))
+            .unwrap();
+        for line in containerd.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                hub.contents.contains(line),
+                "README's containerd line {line:?}"
+            );
+        }
+    }
+
     /// The hand-written EKS examples list every configured upstream.
     #[test]
     fn eks_examples_cover_every_upstream() {

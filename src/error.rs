@@ -23,8 +23,9 @@ pub enum ApiError {
     NameUnknown(String),
     #[error("{0}")]
     DigestInvalid(String),
+    /// A manifest reference no manifest can have (not a tag, not a sha256 digest).
     #[error("{0}")]
-    TagInvalid(String),
+    ReferenceInvalid(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -61,6 +62,14 @@ pub enum ApiError {
     /// A request claiming to come from a cluster member whose proof does not verify.
     #[error("{0}")]
     PeerRefused(String),
+    /// Not in the cache, and its upstream is `offline`, so it was not asked: the status, code
+    /// and detail are those of `unknown`, the answer a miss gets (404 `MANIFEST_UNKNOWN`, ...).
+    #[error("{what} is not cached, and upstream {upstream} is offline (offline: true)")]
+    Offline {
+        what: String,
+        upstream: String,
+        unknown: Box<ApiError>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -69,10 +78,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            ManifestUnknown { .. } | BlobUnknown { .. } | NameUnknown(_) | NotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
-            NameInvalid(_) | DigestInvalid(_) | TagInvalid(_) => StatusCode::BAD_REQUEST,
+            Offline { unknown, .. } => unknown.status(),
+            ManifestUnknown { .. }
+            | ReferenceInvalid(_)
+            | BlobUnknown { .. }
+            | NameUnknown(_)
+            | NotFound(_) => StatusCode::NOT_FOUND,
+            NameInvalid(_) | DigestInvalid(_) => StatusCode::BAD_REQUEST,
             Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             RangeNotSatisfiable(..) => StatusCode::RANGE_NOT_SATISFIABLE,
             // The upstream refused *our* credentials: nothing the client can fix, and a 401
@@ -93,12 +105,14 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         use ApiError::*;
         match self {
-            ManifestUnknown { .. } => "MANIFEST_UNKNOWN",
+            Offline { unknown, .. } => unknown.code(),
+            // The distribution spec lists 404 MANIFEST_UNKNOWN as a manifest GET's failure, and
+            // its conformance suite asks for it for a reference that is not even valid.
+            ManifestUnknown { .. } | ReferenceInvalid(_) => "MANIFEST_UNKNOWN",
             BlobUnknown { .. } => "BLOB_UNKNOWN",
             NameInvalid(_) => "NAME_INVALID",
             NameUnknown(_) => "NAME_UNKNOWN",
             DigestInvalid(_) | DigestMismatch { .. } => "DIGEST_INVALID",
-            TagInvalid(_) => "TAG_INVALID",
             Unsupported(_) | NotFound(_) => "UNSUPPORTED",
             RangeNotSatisfiable(..) => "BLOB_UNKNOWN",
             Unauthorized { .. } | ClientUnauthorized(_) | PeerRefused(_) => "UNAUTHORIZED",
@@ -129,7 +143,11 @@ impl ApiError {
 
     /// `{"errors":[{"code","message","detail"}]}`.
     pub fn body(&self) -> Bytes {
-        let detail = match self {
+        let unknown = match self {
+            ApiError::Offline { unknown, .. } => unknown,
+            other => other,
+        };
+        let detail = match unknown {
             ApiError::ManifestUnknown { name, reference } => {
                 serde_json::json!({ "name": name, "reference": reference })
             }
@@ -140,6 +158,24 @@ impl ApiError {
             "errors": [{ "code": self.code(), "message": self.to_string(), "detail": detail }]
         });
         Bytes::from(doc.to_string())
+    }
+
+    /// `unknown` (what a miss is answered) from an `offline` upstream, saying why it was not
+    /// asked.
+    pub fn offline(upstream: &str, unknown: ApiError) -> ApiError {
+        let what = match &unknown {
+            ApiError::ManifestUnknown { name, reference } if reference.contains(':') => {
+                format!("manifest {name}@{reference}")
+            }
+            ApiError::ManifestUnknown { name, reference } => format!("manifest {name}:{reference}"),
+            ApiError::BlobUnknown { digest } => format!("blob {digest}"),
+            other => other.to_string(),
+        };
+        ApiError::Offline {
+            what,
+            upstream: upstream.to_string(),
+            unknown: Box::new(unknown),
+        }
     }
 
     /// An upstream failure seen while fetching `what`; `not_found` is what a 404 means here.
@@ -177,7 +213,8 @@ impl ApiError {
         match &err.kind {
             // Any other 4xx is the upstream's definite answer about this object (e.g. no
             // manifest of a type the client accepts), not an outage.
-            UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => not_found,
+            UpstreamErrorKind::NotFound => not_found,
+            UpstreamErrorKind::Offline => ApiError::offline(&upstream, not_found),
             UpstreamErrorKind::Status(code) if (400..500).contains(code) => not_found,
             UpstreamErrorKind::Unauthorized(_) => ApiError::Unauthorized { upstream, message },
             UpstreamErrorKind::Denied(_) => ApiError::Denied { upstream, message },
@@ -255,7 +292,7 @@ impl From<RouteError> for ApiError {
                 ApiError::NameInvalid(message)
             }
             RouteError::DigestInvalid(_) => ApiError::DigestInvalid(message),
-            RouteError::TagInvalid(_) => ApiError::TagInvalid(message),
+            RouteError::ReferenceInvalid(_) => ApiError::ReferenceInvalid(message),
             RouteError::NotFound(_) => ApiError::NotFound(message),
             RouteError::MethodNotAllowed(_) => ApiError::Unsupported(message),
         }
@@ -275,7 +312,9 @@ impl From<ResolveError> for ApiError {
     fn from(err: ResolveError) -> Self {
         match err {
             // dockside is not an open proxy: a host that names no upstream is an unknown name.
-            ResolveError::NoUpstream(_) => ApiError::NameUnknown(err.to_string()),
+            ResolveError::NoUpstream(_) | ResolveError::NoUpstreamForPrefix { .. } => {
+                ApiError::NameUnknown(err.to_string())
+            }
         }
     }
 }
@@ -304,6 +343,16 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_manifest_reference_is_an_unknown_manifest() {
+        let err = ApiError::from(RouteError::ReferenceInvalid(
+            ".INVALID_MANIFEST_NAME".into(),
+        ));
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(err.code(), "MANIFEST_UNKNOWN");
+        assert!(err.to_string().contains(".INVALID_MANIFEST_NAME"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_upstream_is_name_unknown() {
         let err = ApiError::from(ResolveError::NoUpstream("quay.io".into()));
         assert_eq!(err.status(), StatusCode::NOT_FOUND);
@@ -324,6 +373,39 @@ mod tests {
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(err.code(), "UNAVAILABLE");
         assert!(err.to_string().contains("docker.io"));
+    }
+
+    #[test]
+    fn a_miss_from_an_offline_upstream_says_so_and_stays_a_404() {
+        let digest = Digest::of(b"x");
+        let blob = ApiError::from_upstream(
+            &upstream(UpstreamErrorKind::Offline),
+            ApiError::BlobUnknown {
+                digest: digest.clone(),
+            },
+        );
+        assert_eq!(blob.status(), StatusCode::NOT_FOUND);
+        assert_eq!(blob.code(), "BLOB_UNKNOWN");
+        assert_eq!(
+            blob.to_string(),
+            format!(
+                "blob {digest} is not cached, and upstream docker.io is offline (offline: true)"
+            )
+        );
+        let v: serde_json::Value = serde_json::from_slice(&blob.body()).unwrap();
+        assert_eq!(v["errors"][0]["detail"]["digest"], digest.to_string());
+        let tag = ApiError::offline(
+            "docker.io",
+            ApiError::ManifestUnknown {
+                name: "library/other".into(),
+                reference: "1.0".into(),
+            },
+        );
+        assert_eq!(tag.code(), "MANIFEST_UNKNOWN");
+        assert_eq!(
+            tag.to_string(),
+            "manifest library/other:1.0 is not cached, and upstream docker.io is offline (offline: true)"
+        );
     }
 
     #[test]

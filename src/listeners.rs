@@ -30,12 +30,21 @@ impl Listeners {
     }
 
     /// Binds `listen` and `admin_listen`. The error names the key and address, e.g.
-    /// `listen: cannot listen on 0.0.0.0:5000: Address in use`.
+    /// `listen: cannot listen on 0.0.0.0:5000: Address in use`, and for an address in use
+    /// what commonly holds that port and how to choose another.
     pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let bind = |key: &str, addr: &str| {
             TcpListener::bind(addr)
                 .and_then(with_full_backlog)
-                .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"))
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        anyhow::anyhow!(
+                            "{key}: cannot listen on {addr}: {e}; {}",
+                            in_use(key, addr)
+                        )
+                    }
+                    _ => anyhow::anyhow!("{key}: cannot listen on {addr}: {e}"),
+                })
         };
         let registry = config
             .listen
@@ -163,6 +172,29 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
     }
 }
 
+/// What to do about `addr` (of the config key `key`) being in use: who commonly holds its port,
+/// how to find out, and how to move dockside elsewhere.
+fn in_use(key: &str, addr: &str) -> String {
+    let port = addr.rsplit(':').next().unwrap_or(addr);
+    let usual = match port {
+        "5000" => {
+            " (often Debian's docker-registry, which listens on :5000 by default: \
+             `systemctl stop docker-registry`, or move one of the two)"
+        }
+        "9090" => " (often Prometheus, which listens on :9090 by default)",
+        _ => "",
+    };
+    let other = match key {
+        "admin_listen" => "127.0.0.1:9091",
+        _ => "0.0.0.0:5001",
+    };
+    format!(
+        "another process listens on port {port}{usual}; `ss -ltnp 'sport = :{port}'` names it. \
+         To use another port, set `{key}` (e.g. {other:?}) in a config file and pass it with \
+         --config (config/dockside.yaml is the default to start from)"
+    )
+}
+
 /// std listens with a backlog of 128; pingora, binding itself, asks for 65535 (the kernel caps
 /// it at `net.core.somaxconn`). A burst of connecting clients must not be refused because the
 /// socket was bound here, so listen again with pingora's backlog (Linux updates it in place).
@@ -212,6 +244,32 @@ mod tests {
         assert!(err(Some("2"), Some("registry")).contains("2 descriptors passed"));
         assert!(err(Some("1"), None).contains("\"\" is neither registry nor admin"));
         assert!(err(Some("1"), Some("web")).contains("\"web\" is neither"));
+    }
+
+    #[test]
+    fn an_address_in_use_says_who_may_hold_it_and_how_to_move() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let yaml = format!(
+            "listen: \"{addr}\"\ncache: {{dir: /nonexistent, max_size: 1GiB}}\n\
+             upstreams: [{{name: docker.io, url: 'http://127.0.0.1:1'}}]\n"
+        );
+        let config = Config::from_yaml(&yaml, "test.yaml").unwrap();
+        let err = Listeners::bind(&config).unwrap_err().to_string();
+        let port = addr.port();
+        for part in [
+            format!("listen: cannot listen on {addr}: "),
+            format!("another process listens on port {port}"),
+            format!("ss -ltnp 'sport = :{port}'"),
+            "set `listen`".to_string(),
+            "--config".to_string(),
+        ] {
+            assert!(err.contains(&part), "{err:?} should contain {part:?}");
+        }
+        let hint = in_use("listen", "0.0.0.0:5000");
+        assert!(hint.contains("Debian's docker-registry"), "{hint}");
+        assert!(in_use("admin_listen", "127.0.0.1:9090").contains("Prometheus"));
+        assert!(in_use("admin_listen", "127.0.0.1:9090").contains("set `admin_listen`"));
     }
 
     #[test]

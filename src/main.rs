@@ -1,13 +1,14 @@
 //! The `dockside` command: parse arguments, load the config, set up logging, hand over to the
 //! library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dockside::airgap::bundle::Selection;
 use dockside::airgap::commands as airgap;
 use dockside::airgap::prefetch::PlatformChoice;
+use dockside::config::Config;
 use dockside::listeners::Listeners;
 use dockside::preflight;
 use dockside::server::Start;
@@ -41,8 +42,10 @@ enum Command {
     /// `listen` and `admin_listen`, or on the sockets a service manager passed (systemd socket
     /// activation, named `registry` and `admin`).
     Serve {
+        /// The config file; without it, the built-in default (config/dockside.yaml as compiled
+        /// in: Docker Hub, port 5000, the cache in ./dockside-cache).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Zero-downtime upgrade: take the listening sockets over from the server running with
         /// this config. Start this, then send the old process SIGQUIT within 5 s; it hands its
         /// listeners over and drains.
@@ -51,8 +54,9 @@ enum Command {
     },
     /// Validate a config file and exit: non-zero with a message naming the key and value.
     CheckConfig {
+        /// The config file; without it, the built-in default is checked.
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Print the file(s) that point a registry client at this mirror for every upstream.
     ClientConfig(client_config_cli::Args),
@@ -130,7 +134,8 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config, upgrade } => {
-            let config = preflight::load(&config)?;
+            let (config, origin) = load_or_builtin(config.as_deref())?;
+            tracing::info!(config = %origin, "configuration loaded");
             let start = match upgrade {
                 true => Start::Upgrade,
                 false => Start::Fresh(Listeners::for_serve(&config)?),
@@ -138,10 +143,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             dockside::server::run(config, start, pingora::server::UnixShutdownSignalWatch)
         }
         Command::CheckConfig { config } => {
-            let loaded = preflight::load(&config)?;
+            let (loaded, origin) = load_or_builtin(config.as_deref())?;
             println!(
-                "{}: ok ({} upstreams, default {})",
-                config.display(),
+                "{origin}: ok ({} upstreams, default {})",
                 loaded.upstreams.len(),
                 loaded.default_upstream
             );
@@ -177,6 +181,22 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Import { config, file } => airgap::import(&preflight::load(&config)?, &file),
         Command::Verify { config } => airgap::verify(&preflight::load(&config)?),
         Command::Du { config } => airgap::du(&preflight::load(&config)?),
+    }
+}
+
+/// What `BUILTIN` names in messages: the default config compiled into the binary.
+const BUILTIN: &str = "the built-in default config (config/dockside.yaml)";
+
+/// The config file at `path`, or without one the built-in default, checked as `serve` would;
+/// with the name to show for it.
+fn load_or_builtin(path: Option<&Path>) -> anyhow::Result<(Config, String)> {
+    match path {
+        Some(path) => Ok((preflight::load(path)?, path.display().to_string())),
+        None => {
+            let config = Config::embedded_default();
+            preflight::check(&config, BUILTIN)?;
+            Ok((config, BUILTIN.to_string()))
+        }
     }
 }
 

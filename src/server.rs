@@ -61,7 +61,8 @@ impl ProxyHttp for RegistryService {
         );
         let sent = write_response(session, response, self.mirror.metrics()).await;
         let upstream = upstream.as_deref().unwrap_or("-");
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Whole microseconds, so the log shows `0.197`, not `0.19750500000000001`.
+        let elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0;
         let (method, path, status) = (&request.method, &request.path, status.as_u16());
         let outcome = outcome.as_str();
         if sent

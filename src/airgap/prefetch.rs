@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -95,15 +95,19 @@ impl Progress for Quiet {
     fn finished(&self, _: usize, _: &ImageOutcome) {}
 }
 
-/// Objects one image needed, split by whether they had to come from upstream.
+/// Objects one image needed, split by whether they had to come from upstream: fetched for this
+/// image, already cached before this prefetch, or shared with another image of the same
+/// prefetch that fetched them (a base layer two images of a list have in common).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     pub manifests_fetched: u64,
     pub manifests_cached: u64,
     pub blobs_fetched: u64,
     pub blobs_cached: u64,
+    pub blobs_shared: u64,
     pub bytes_fetched: u64,
     pub bytes_cached: u64,
+    pub bytes_shared: u64,
 }
 
 impl Counts {
@@ -112,8 +116,20 @@ impl Counts {
         self.manifests_cached += other.manifests_cached;
         self.blobs_fetched += other.blobs_fetched;
         self.blobs_cached += other.blobs_cached;
+        self.blobs_shared += other.blobs_shared;
         self.bytes_fetched += other.bytes_fetched;
         self.bytes_cached += other.bytes_cached;
+        self.bytes_shared += other.bytes_shared;
+    }
+
+    fn count(&mut self, source: Source, bytes: u64) {
+        let (blobs, total) = match source {
+            Source::Fetched => (&mut self.blobs_fetched, &mut self.bytes_fetched),
+            Source::Cached => (&mut self.blobs_cached, &mut self.bytes_cached),
+            Source::Shared => (&mut self.blobs_shared, &mut self.bytes_shared),
+        };
+        *blobs += 1;
+        *total += bytes;
     }
 }
 
@@ -121,15 +137,34 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} blobs fetched ({}), {} already cached ({}); {} manifests fetched, {} cached",
+            "{} blobs fetched ({}), {} already cached ({})",
             self.blobs_fetched,
             human_bytes(self.bytes_fetched),
             self.blobs_cached,
             human_bytes(self.bytes_cached),
-            self.manifests_fetched,
-            self.manifests_cached
+        )?;
+        if self.blobs_shared > 0 {
+            write!(
+                f,
+                ", {} shared with another image of this prefetch ({})",
+                self.blobs_shared,
+                human_bytes(self.bytes_shared)
+            )?;
+        }
+        write!(
+            f,
+            "; {} manifests fetched, {} cached",
+            self.manifests_fetched, self.manifests_cached
         )
     }
+}
+
+/// Where one image's blob came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Fetched,
+    Cached,
+    Shared,
 }
 
 #[derive(Debug)]
@@ -145,12 +180,15 @@ pub struct PrefetchReport {
 }
 
 impl PrefetchReport {
-    /// Counts over the images that succeeded (a blob shared by two images counts in both).
+    /// Counts over the images that succeeded. A blob two images share counts once: fetched (or
+    /// already cached) for one, shared for the other, and shared blobs are left out here.
     pub fn totals(&self) -> Counts {
         let mut total = Counts::default();
         for counts in self.images.iter().filter_map(|i| i.result.as_ref().ok()) {
             total.add(counts);
         }
+        total.blobs_shared = 0;
+        total.bytes_shared = 0;
         total
     }
 
@@ -188,11 +226,13 @@ pub async fn prefetch(
 ) -> PrefetchReport {
     let started = Instant::now();
     let blobs = Semaphore::new(BLOBS_AT_ONCE);
+    let asked = Mutex::new(HashSet::new());
     let job = Job {
         mirror,
         platforms,
         progress,
         blobs: &blobs,
+        asked: &asked,
     };
     let mut outcomes: Vec<(usize, ImageOutcome)> = stream::iter(images.iter().enumerate())
         .map(|(i, image)| {
@@ -244,6 +284,8 @@ struct Job<'a> {
     platforms: &'a PlatformChoice,
     progress: &'a dyn Progress,
     blobs: &'a Semaphore,
+    /// Blobs this prefetch found missing and asked the mirror for, by any of its images.
+    asked: &'a Mutex<HashSet<Digest>>,
 }
 
 /// A manifest as the mirror answered it.
@@ -261,20 +303,14 @@ impl Job<'_> {
             blobs.extend(blob_sizes(body));
         }
         self.progress.sized(i, blobs.values().sum());
-        let results: Vec<Result<(Outcome, u64), String>> = stream::iter(blobs)
+        let results: Vec<Result<(Source, u64), String>> = stream::iter(blobs)
             .map(|(digest, size)| self.blob(i, image, digest, size))
             .buffer_unordered(BLOBS_AT_ONCE)
             .collect()
             .await;
         for result in results {
-            let (outcome, bytes) = result?;
-            if outcome == Outcome::Miss {
-                counts.blobs_fetched += 1;
-                counts.bytes_fetched += bytes;
-            } else {
-                counts.blobs_cached += 1;
-                counts.bytes_cached += bytes;
-            }
+            let (source, bytes) = result?;
+            counts.count(source, bytes);
         }
         Ok(counts)
     }
@@ -331,19 +367,27 @@ impl Job<'_> {
     }
 
     /// One blob into the store: found there, or fetched through the mirror and read to the end
-    /// (which completes the fill), then waited for until the fill has committed it.
+    /// (which completes the fill), then waited for until the fill has committed it. A blob
+    /// another image of this prefetch asked for first is `Shared`, whether it is still being
+    /// fetched or already in the store.
     async fn blob(
         &self,
         i: usize,
         image: &ImageRef,
         digest: Digest,
         size: u64,
-    ) -> Result<(Outcome, u64), String> {
+    ) -> Result<(Source, u64), String> {
         let store = self.mirror.store();
+        let asked_before = |digest: &Digest| self.asked.lock().expect("lock").contains(digest);
         if let Some(len) = store.stat(&digest).await.map_err(|e| e.to_string())? {
             self.progress.advanced(i, len);
-            return Ok((Outcome::Hit, len));
+            let source = match asked_before(&digest) {
+                true => Source::Shared,
+                false => Source::Cached,
+            };
+            return Ok((source, len));
         }
+        let first = self.asked.lock().expect("lock").insert(digest.clone());
         let usage = self.mirror.budget().usage();
         if size > usage.max_bytes.saturating_sub(usage.pinned_bytes) {
             return Err(format!(
@@ -371,7 +415,14 @@ impl Job<'_> {
             self.progress.advanced(i, chunk.len() as u64);
         }
         wait_committed(self.mirror, &digest).await?;
-        Ok((resp.outcome, read))
+        let source = match (resp.outcome, first) {
+            (Outcome::Miss, _) => Source::Fetched,
+            (_, false) => Source::Shared,
+            // Joined a fill someone else started (a client of the server), or found it
+            // committed meanwhile.
+            (_, true) => Source::Cached,
+        };
+        Ok((source, read))
     }
 }
 
@@ -509,6 +560,7 @@ mod tests {
             bytes_cached: 10,
             manifests_fetched: 1,
             manifests_cached: 0,
+            ..Counts::default()
         };
         let report = PrefetchReport {
             images: vec![
@@ -529,6 +581,19 @@ mod tests {
         };
         assert_eq!(report.totals().blobs_fetched, 4);
         assert_eq!(report.totals().bytes_fetched, 4096);
+        assert_eq!(report.totals().blobs_shared, 0, "counted where fetched");
+        let shared = Counts {
+            blobs_shared: 1,
+            bytes_shared: 3,
+            ..ok
+        };
+        assert!(
+            shared.to_string().contains(
+                "1 already cached (10 B), 1 shared with another image of this prefetch (3 B);"
+            ),
+            "{shared}"
+        );
+        assert!(!ok.to_string().contains("shared"), "{ok}");
         let summary = report.summary();
         assert!(summary.starts_with("prefetched 2 of 3 images"), "{summary}");
         assert!(summary.contains("4 blobs fetched (4.0 KiB)"), "{summary}");

@@ -196,7 +196,7 @@ impl Mirror {
             let cached = self.tag_from_cache(&key).await;
             return cached
                 .map(|m| (m, Outcome::Hit))
-                .ok_or_else(|| manifest_unknown(&key));
+                .ok_or_else(|| ApiError::offline(&upstream.name, manifest_unknown(&key)));
         }
         let known = self.tags.get(&key);
         if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {

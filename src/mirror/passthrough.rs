@@ -6,7 +6,7 @@ use super::response::{ApiResponse, Body, Outcome, header_str};
 use super::{Mirror, PASSTHROUGH_LIMIT};
 use crate::error::ApiError;
 use crate::oci::RepoName;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamErrorKind};
 
 impl Mirror {
     pub(super) async fn passthrough(
@@ -18,7 +18,22 @@ impl Mirror {
         let resp = upstream
             .passthrough(name, &call.suffix, call.query, call.accept)
             .await
-            .map_err(|e| ApiError::from_upstream(&e, call.not_found.clone()))?;
+            .map_err(|e| match e.kind {
+                // Not "not known to" the upstream: it was not asked, and these calls are never
+                // cached, whatever the cache holds of the repository.
+                UpstreamErrorKind::Offline => {
+                    let what = format!(
+                        "{name}/{}, which dockside passes to the upstream,",
+                        call.suffix
+                    );
+                    ApiError::Offline {
+                        what,
+                        upstream: upstream.name.to_string(),
+                        unknown: Box::new(call.not_found.clone()),
+                    }
+                }
+                _ => ApiError::from_upstream(&e, call.not_found.clone()),
+            })?;
         let mut out = ApiResponse::new(resp.status(), Outcome::Pass);
         for header in ["content-type", "link", "oci-filters-applied"] {
             if let Some(value) = header_str(&resp, header) {

@@ -10,7 +10,7 @@ use http::Method;
 
 use super::digest::Digest;
 use super::host::RegistryHost;
-use super::reference::{Reference, ReferenceError, RepoName};
+use super::reference::{Reference, RepoName};
 use super::shown;
 
 /// A parsed registry API request.
@@ -58,8 +58,12 @@ pub enum RouteError {
     NameInvalid(String),
     #[error("invalid digest {0:?}: only sha256:<64 lowercase hex> digests are supported")]
     DigestInvalid(String),
-    #[error("invalid tag {0:?}")]
-    TagInvalid(String),
+    /// A manifest reference that is neither a tag nor a sha256 digest. No manifest can have
+    /// it, so error.rs answers it as an unknown manifest (404), as distribution does.
+    #[error(
+        "no manifest has the reference {0:?}: a reference is a tag ([A-Za-z0-9_][A-Za-z0-9_.-], at most 128) or a sha256:<64 lowercase hex> digest"
+    )]
+    ReferenceInvalid(String),
     #[error(
         "invalid ns parameter {0:?}: expected a registry host such as docker.io or localhost:5000"
     )]
@@ -157,15 +161,10 @@ fn parse_digest(digest: &str) -> Result<Digest, RouteError> {
     Digest::parse(digest).map_err(|_| RouteError::DigestInvalid(shown(digest)))
 }
 
+/// A manifest's reference. Whatever is wrong with it (a bad tag, a digest of another algorithm
+/// or a malformed one), the answer is the same: no manifest has it.
 fn parse_reference(reference: &str) -> Result<Reference, RouteError> {
-    Reference::parse(reference).map_err(|e| match e {
-        ReferenceError::TagInvalid(_) => RouteError::TagInvalid(shown(reference)),
-        // Reference::parse yields only tag and digest errors; name and host
-        // errors cannot occur, but classifying them as digest errors is harmless.
-        ReferenceError::Digest(_)
-        | ReferenceError::NameInvalid(_)
-        | ReferenceError::HostInvalid(_) => RouteError::DigestInvalid(shown(reference)),
-    })
+    Reference::parse(reference).map_err(|_| RouteError::ReferenceInvalid(shown(reference)))
 }
 
 /// Splits the query into the validated `ns` value and everything else.
@@ -448,8 +447,6 @@ mod tests {
             ("/v2/x/blobs/latest".to_owned(), "latest"),
             (format!("/v2/x/blobs/{upper}"), upper.as_str()),
             ("/v2/x/referrers/sha512:00".to_owned(), "sha512:00"),
-            ("/v2/x/manifests/sha256:zz".to_owned(), "sha256:zz"),
-            ("/v2/x/manifests/md5:00".to_owned(), "md5:00"),
         ] {
             assert_eq!(
                 get(&path),
@@ -460,16 +457,36 @@ mod tests {
     }
 
     #[test]
-    fn invalid_tags_are_tag_invalid() {
+    fn an_invalid_manifest_reference_is_one_no_manifest_has() {
         let long = "t".repeat(129);
-        for bad in [".hidden", "-x", "a%20b", long.as_str(), ".."] {
-            let path = format!("/v2/x/manifests/{bad}");
-            assert_eq!(
-                get(&path),
-                Err(RouteError::TagInvalid(bad.into())),
-                "{path:?}"
-            );
+        // The conformance suite's `.INVALID_MANIFEST_NAME`, bad tags, and digests that are
+        // malformed or of another algorithm.
+        for bad in [
+            ".INVALID_MANIFEST_NAME",
+            ".hidden",
+            "-x",
+            "a%20b",
+            long.as_str(),
+            "..",
+            "sha256:zz",
+            "md5:00",
+        ] {
+            for method in [Method::GET, Method::HEAD] {
+                let path = format!("/v2/x/manifests/{bad}");
+                assert_eq!(
+                    parse(&method, &path, None),
+                    Err(RouteError::ReferenceInvalid(bad.into())),
+                    "{method} {path:?}"
+                );
+            }
         }
+        let message = get("/v2/x/manifests/.INVALID_MANIFEST_NAME")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("\".INVALID_MANIFEST_NAME\"") && message.contains("tag"),
+            "{message}"
+        );
     }
 
     #[test]

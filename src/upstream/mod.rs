@@ -39,6 +39,9 @@ pub enum UpstreamErrorKind {
     Timeout(String),
     #[error("unreachable: {0}")]
     Connect(String),
+    /// Every URL's circuit is open (it kept failing), so none was asked; not retried either.
+    #[error("not asked while it keeps failing ({0}); it is tried again after circuit.cooldown")]
+    CircuitOpen(String),
     #[error("body failed: {0}")]
     Body(String),
     #[error("body larger than {limit} bytes")]
@@ -67,7 +70,12 @@ impl UpstreamError {
         use UpstreamErrorKind::*;
         match &self.kind {
             Status(code) => *code >= 500,
-            Timeout(_) | Connect(_) | Body(_) | Truncated { .. } | TooManyRequests { .. } => true,
+            Timeout(_)
+            | Connect(_)
+            | CircuitOpen(_)
+            | Body(_)
+            | Truncated { .. }
+            | TooManyRequests { .. } => true,
             _ => false,
         }
     }
@@ -79,6 +87,12 @@ pub enum ResolveError {
     /// An `ns` (or host prefix) that is not the name or alias of any upstream.
     #[error("no upstream is configured for {0:?}")]
     NoUpstream(String),
+    /// A name whose first component is a registry host (as in image references: it has a dot,
+    /// or is `localhost`) that is not the name or alias of any upstream.
+    #[error(
+        "no upstream is configured for {host:?} (the first component of {name:?} names a registry host)"
+    )]
+    NoUpstreamForPrefix { host: String, name: String },
 }
 
 /// Every configured upstream, by name and alias.
@@ -122,7 +136,9 @@ impl Upstreams {
     /// Pick the upstream for a request and the repository name to ask it for.
     ///
     /// `ns` (containerd's mirror parameter) wins; then a first path component naming an upstream;
-    /// then the default. An `ns` naming no upstream is refused: dockside is not an open proxy.
+    /// then the default. An `ns`, or a first component that is a registry host, naming no
+    /// upstream is refused: dockside is not an open proxy, and the default upstream is never
+    /// asked for another registry's repository (`ghcr.io/owner/app`).
     pub fn resolve(
         &self,
         ns: Option<&str>,
@@ -136,7 +152,7 @@ impl Upstreams {
                     .ok_or_else(|| ResolveError::NoUpstream(ns.to_string()))?;
                 (upstream.clone(), name.clone())
             }
-            None => self.by_prefix(name),
+            None => self.by_prefix(name)?,
         };
         let name = if upstream.library_prefix {
             name.with_library_prefix()
@@ -146,14 +162,91 @@ impl Upstreams {
         Ok((upstream, name))
     }
 
-    fn by_prefix(&self, name: &RepoName) -> (Arc<Upstream>, RepoName) {
-        let prefixed = self
-            .by_name
-            .get(name.first_component())
-            .zip(name.strip_first_component());
-        match prefixed {
-            Some((upstream, rest)) => (upstream.clone(), rest),
-            None => (self.default.clone(), name.clone()),
+    fn by_prefix(&self, name: &RepoName) -> Result<(Arc<Upstream>, RepoName), ResolveError> {
+        let first = name.first_component();
+        let Some(rest) = name.strip_first_component() else {
+            return Ok((self.default.clone(), name.clone()));
+        };
+        match self.by_name.get(first) {
+            Some(upstream) => Ok((upstream.clone(), rest)),
+            None if names_a_registry(first) => Err(ResolveError::NoUpstreamForPrefix {
+                host: first.to_string(),
+                name: name.to_string(),
+            }),
+            None => Ok((self.default.clone(), name.clone())),
         }
+    }
+}
+
+/// Whether the first component of a repository name is a registry host, by the rule image
+/// references follow (docker's `splitDockerDomain`): it contains a `.` or a `:`, or is
+/// `localhost`. Docker Hub's namespaces never do.
+fn names_a_registry(first: &str) -> bool {
+    first.contains(['.', ':']) || first == "localhost"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstreams() -> Upstreams {
+        let yaml = "listen: 127.0.0.1:5000\ncache: {dir: /nonexistent, max_size: 1GiB}\n\
+                    upstreams:\n  - {name: docker.io, url: 'http://127.0.0.1:1'}\n  \
+                    - {name: registry.corp:5000, url: 'http://127.0.0.1:2'}\n";
+        let config = Config::from_yaml(yaml, "test.yaml").unwrap();
+        Upstreams::new(&config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn resolve(ns: Option<&str>, name: &str) -> Result<(String, String), ResolveError> {
+        let name = RepoName::parse(name).unwrap();
+        let (upstream, name) = upstreams().resolve(ns, &name)?;
+        Ok((upstream.name.to_string(), name.to_string()))
+    }
+
+    fn pair(upstream: &str, name: &str) -> Result<(String, String), ResolveError> {
+        Ok((upstream.to_string(), name.to_string()))
+    }
+
+    #[test]
+    fn a_first_component_naming_a_configured_upstream_is_its_prefix() {
+        assert_eq!(
+            resolve(None, "docker.io/library/alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(
+            resolve(None, "docker.io/alpine"),
+            pair("docker.io", "library/alpine")
+        );
+        assert_eq!(resolve(None, "alpine"), pair("docker.io", "library/alpine"));
+        assert_eq!(resolve(None, "team/app"), pair("docker.io", "team/app"));
+    }
+
+    #[test]
+    fn a_first_component_naming_another_registry_is_refused_not_sent_to_the_default() {
+        for (name, host) in [
+            ("ghcr.io/x/y", "ghcr.io"),
+            ("localhost/app", "localhost"),
+            ("my.team/app", "my.team"),
+        ] {
+            let err = resolve(None, name).unwrap_err();
+            assert_eq!(
+                err,
+                ResolveError::NoUpstreamForPrefix {
+                    host: host.into(),
+                    name: name.into()
+                }
+            );
+            assert!(err.to_string().contains(&format!("{host:?}")), "{err}");
+        }
+        // A one-component name is a repository, dots and all; `ns` names the upstream itself.
+        assert_eq!(resolve(None, "my.app"), pair("docker.io", "library/my.app"));
+        assert_eq!(
+            resolve(Some("docker.io"), "my.team/app"),
+            pair("docker.io", "my.team/app")
+        );
+        assert_eq!(
+            resolve(Some("ghcr.io"), "x/y"),
+            Err(ResolveError::NoUpstream("ghcr.io".into()))
+        );
     }
 }

@@ -5,7 +5,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -17,6 +16,7 @@ use crate::support::endpoint::{Endpoint, Request};
 use crate::support::image::{Format, Image};
 use crate::support::moto::{self, Moto};
 use crate::support::registry::{Auth, Registry, count};
+use crate::support::tools;
 use crate::support::{http, skopeo};
 
 /// A registry accepting `user` / `password`, holding one image at `team/app:v1`.
@@ -341,7 +341,7 @@ fn rsa_key(dir: &Path) -> (String, std::path::PathBuf) {
     let key = dir.join("sa-key.pem");
     let public = dir.join("sa-pub.pem");
     let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
+        let out = tools::command("openssl")
             .args(args)
             .output()
             .expect("openssl");
@@ -384,7 +384,7 @@ fn rs256_verifies(jwt: &str, public: &Path, dir: &Path) -> bool {
     let input_file = sig_file.with_extension("in");
     std::fs::write(&sig_file, sig).unwrap();
     std::fs::write(&input_file, input).unwrap();
-    Command::new("openssl")
+    tools::command("openssl")
         .args(["dgst", "-sha256", "-verify"])
         .arg(public)
         .arg("-signature")

@@ -18,6 +18,7 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
+        crate::support::tools::require_root("mounting a tmpfs for the cache");
         let dir = tempfile::Builder::new()
             .prefix("e2e-tmpfs-")
             .tempdir()

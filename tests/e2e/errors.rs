@@ -8,6 +8,7 @@ use crate::support::dockside::{BIN, Config, Dockside, Upstream};
 use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry};
 use crate::support::skopeo::run;
+use crate::support::tools;
 use crate::support::{digest_of, http, skopeo, wait_for};
 
 fn assert_oci_error(r: &http::Resp, status: u16, code: &str, what: &str) {
@@ -75,9 +76,18 @@ fn malformed_and_unknown_references_get_oci_errors() {
         "/v2/library/x/blobs/sha256:zzzz".to_string(),
         "/v2/library/x/blobs/sha256:abc".to_string(),
         "/v2/library/x/blobs/md5:d41d8cd98f00b204e9800998ecf8427e".to_string(),
-        format!("/v2/library/x/manifests/{upper}"),
     ] {
         assert_oci_error(&get(&path), 400, "DIGEST_INVALID", &path);
+    }
+    // A manifest reference no manifest can have: 404 MANIFEST_UNKNOWN on GET and HEAD, as the
+    // distribution spec's conformance suite (pull workflow) asks for `.INVALID_MANIFEST_NAME`.
+    for path in [
+        "/v2/library/x/manifests/.INVALID_MANIFEST_NAME".to_string(),
+        format!("/v2/library/x/manifests/{upper}"),
+    ] {
+        assert_oci_error(&get(&path), 404, "MANIFEST_UNKNOWN", &path);
+        let head = http::request("HEAD", &format!("{}{path}", d.url()), &[], None).unwrap();
+        assert_eq!(head.status, 404, "HEAD {path}");
     }
     for path in [
         "/v2/Library/Upper/manifests/v1",
@@ -149,6 +159,66 @@ fn malformed_and_unknown_references_get_oci_errors() {
     let r = get("/v2/library/x/manifests/v1");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, img.manifest.data);
+}
+
+#[test]
+fn serve_and_check_config_without_a_config_use_the_built_in_default() {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config");
+    let out = run(cmd, Duration::from_secs(30));
+    assert!(out.success(), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("the built-in default config (config/dockside.yaml): ok (5 upstreams, default docker.io)"),
+        "{}",
+        out.stdout
+    );
+
+    // The README's first pull without internet runs this example.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/local-registry.yaml"
+    );
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check-config", "--config", example]);
+    let out = run(cmd, Duration::from_secs(30));
+    assert!(out.success(), "{example}: {}", out.stderr);
+
+    // `serve` alone: the default config, its cache under the working directory. Only /v2/ and
+    // the admin endpoints are asked, which reach no upstream.
+    let d = Dockside::start(&Config::builtin());
+    assert!(
+        d.log()
+            .contains("the built-in default config (config/dockside.yaml)"),
+        "{}",
+        d.log()
+    );
+    assert!(d.dir().join("dockside-cache/objects").is_dir());
+    for _ in 0..5 {
+        let r = http::get(&format!("{}/v2/", d.url())).unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // Each request's log line gives its time in milliseconds to the microsecond, without float
+    // noise (`elapsed_ms=0.19750500000000001`).
+    let times: Vec<String> = wait_for("5 request log lines", Duration::from_secs(30), || {
+        let times: Vec<String> = d
+            .log()
+            .lines()
+            .filter(|l| l.contains("path=\"/v2/\""))
+            .filter_map(|l| {
+                l.split("elapsed_ms=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+                    .map(String::from)
+            })
+            .collect();
+        (times.len() >= 5).then_some(times)
+    });
+    for t in &times {
+        let decimals = t.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(t.parse::<f64>().is_ok() && decimals <= 3, "elapsed_ms={t}");
+    }
 }
 
 #[test]
@@ -334,7 +404,7 @@ fn client_config_prints_writes_and_keeps_other_files_unless_forced() {
 fn promtool_check_metrics(exposition: &str) {
     use std::io::Write;
     use std::process::Stdio;
-    let mut child = Command::new("promtool")
+    let mut child = tools::command("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -13,6 +13,7 @@ use crate::support::image::{Format, Image};
 use crate::support::registry::{Auth, Registry};
 use crate::support::serial::HostsPin;
 use crate::support::skopeo::{self, CmdOut};
+use crate::support::tools;
 use crate::support::wait_for;
 
 /// An upstream holding `image` as `library/<repo>:<tag>`, and dockside serving HTTPS in front of
@@ -51,7 +52,7 @@ fn https_dockside(reg: &Registry, cert: PathBuf, key: PathBuf) -> Dockside {
 
 /// curl, verifying dockside's certificate against `ca` only.
 fn curl(ca: &Path, args: &[&str]) -> CmdOut {
-    let mut cmd = Command::new("curl");
+    let mut cmd = tools::command("curl");
     cmd.args(["--silent", "--show-error", "--noproxy", "*", "--cacert"])
         .arg(ca)
         .args(args);
@@ -67,6 +68,7 @@ fn served_certificate(d: &Dockside, ca: &Path) -> String {
         d.host(),
         ca.display()
     );
+    tools::require("openssl");
     let mut cmd = Command::new("sh");
     cmd.args(["-c", &script]);
     skopeo::run(cmd, Duration::from_secs(30)).stdout

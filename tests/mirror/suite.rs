@@ -596,6 +596,18 @@ async fn routing_by_ns_prefix_and_default() {
     .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
+    // A path prefix naming a registry that is not configured: refused like that ns, not asked
+    // of the default upstream as repository `quay.io/owner/app`.
+    let before = (hub.log().len(), ghcr.log().len());
+    for path in ["manifests/1", "tags/list", &format!("blobs/{hub_blob}")] {
+        let resp = get(&format!("{}/v2/quay.io/owner/app/{path}", m.base)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN", "{path}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("\"quay.io\""), "{message}");
+    }
+    assert_eq!((hub.log().len(), ghcr.log().len()), before);
     // Tag lists pass through.
     let resp = get(&format!("{}/v2/ghcr.io/owner/app/tags/list", m.base)).await;
     let v: serde_json::Value = resp.json().await.unwrap();
@@ -644,6 +656,14 @@ async fn client_errors_are_oci_json_with_the_right_code() {
             StatusCode::NOT_FOUND,
             "MANIFEST_UNKNOWN",
         ),
+        // A reference no manifest can have: 404 as distribution answers (the conformance
+        // suite's pull workflow asks for it), and nothing is asked upstream.
+        (
+            "GET",
+            "/v2/app/manifests/.INVALID_MANIFEST_NAME",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
     ];
     for (method, path, status, code) in cases {
         let resp = client
@@ -654,6 +674,12 @@ async fn client_errors_are_oci_json_with_the_right_code() {
         assert_eq!(resp.status(), status, "{method} {path}");
         assert_eq!(error_code(resp).await, code, "{method} {path}");
     }
+    let resp = client
+        .head(format!("{}/v2/app/manifests/.INVALID_MANIFEST_NAME", m.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let missing = digest_of(b"missing");
     let resp = get(&format!("{}/v2/app/blobs/{missing}", m.base)).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
@@ -662,7 +688,7 @@ async fn client_errors_are_oci_json_with_the_right_code() {
     assert!(
         fake.log()
             .iter()
-            .all(|l| !l.contains("ABC") && !l.starts_with("PUT"))
+            .all(|l| !l.contains("ABC") && !l.starts_with("PUT") && !l.contains("INVALID"))
     );
 }
 
@@ -912,4 +938,140 @@ async fn a_miss_asks_the_owning_member_without_the_clients_credentials() {
         let asked = format!("GET /v2/library/x/blobs/{bad_d}");
         assert_eq!(member.count(&asked), round, "round {round}: {:?}", member.log());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_miss_from_an_offline_upstream_says_it_is_offline_and_not_cached() {
+    let fake = FakeUpstream::start().await;
+    let m = start_mirror(&one_upstream(&fake, "    offline: true\n"), "5m").await;
+    let missing = digest_of(b"never cached");
+    let cases = [
+        (
+            "/v2/other/manifests/1.0".to_string(),
+            "MANIFEST_UNKNOWN",
+            "manifest library/other:1.0 is not cached",
+        ),
+        (
+            format!("/v2/other/manifests/{missing}"),
+            "MANIFEST_UNKNOWN",
+            "is not cached",
+        ),
+        (
+            format!("/v2/other/blobs/{missing}"),
+            "BLOB_UNKNOWN",
+            "is not cached",
+        ),
+        (
+            "/v2/other/tags/list".to_string(),
+            "NAME_UNKNOWN",
+            "library/other/tags/list, which dockside passes to the upstream, is not cached",
+        ),
+    ];
+    for (path, code, says) in cases {
+        let resp = get(&format!("{}{path}", m.base)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], code, "{path}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+        assert!(
+            message.ends_with("upstream docker.io is offline (offline: true)"),
+            "{path}: {message}"
+        );
+    }
+    assert!(fake.log().is_empty(), "{:?}", fake.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_the_circuit_is_open_stale_tags_are_served_without_asking_upstream() {
+    let fake = FakeUpstream::start().await;
+    let v1 = image_manifest(&[&digest_of(b"one")]);
+    let d1 = fake.add_manifest("library/app", Some("1"), OCI_MANIFEST, &v1);
+    let circuit = "    retries: 2\n    circuit: { failures: 1, cooldown: 1h }\n";
+    let m = start_mirror(&one_upstream(&fake, circuit), "1s").await;
+    let url = format!("{}/v2/app/manifests/1", m.base);
+    assert_eq!(get(&url).await.headers()["docker-content-digest"], d1.as_str());
+
+    // The 1 s TTL, slept out in full; then the upstream fails once and the circuit opens.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.set_down(true);
+    let before = fake.log().len();
+    let stale = || async {
+        let resp = get(&url).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["docker-content-digest"], d1.as_str());
+    };
+    stale().await;
+    let up = format!(
+        "dockside_upstream_url_up{{upstream=\"docker.io\",url=\"{}\"}}",
+        fake.url().trim_end_matches('/')
+    );
+    assert_eq!(metrics_value(&m, &up).await, Some(0.0));
+    let asked = fake.log();
+    assert_eq!(
+        asked[before..],
+        ["HEAD /v2/library/app/manifests/1"],
+        "the failure that opened the circuit is not retried against it"
+    );
+
+    // While it is open: stale answers at once, with no request and no retry.
+    for _ in 0..3 {
+        stale().await;
+    }
+    assert_eq!(fake.log(), asked);
+    let retries = "dockside_upstream_retries_total{upstream=\"docker.io\"}";
+    assert_eq!(metrics_value(&m, retries).await.unwrap_or(0.0), 0.0);
+    // A tag never seen: an error at once, naming the upstream and why it was not asked.
+    let resp = get(&format!("{}/v2/app/manifests/never", m.base)).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let message = v["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("upstream docker.io is unavailable: not asked while it keeps failing")
+            && message.contains("answered HTTP 503"),
+        "{message}"
+    );
+    assert_eq!(fake.log(), asked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_prefetch_counts_blobs_its_images_share_as_shared_not_already_cached() {
+    let fake = FakeUpstream::start().await;
+    fake.add_blob(b"{}");
+    let shared = fake.add_blob(b"a base layer both images have");
+    let (own_a, own_b) = (fake.add_blob(b"a's own layer"), fake.add_blob(b"b's own"));
+    for (repo, own) in [("library/a", &own_a), ("library/b", &own_b)] {
+        fake.add_manifest(repo, Some("1"), OCI_MANIFEST, &image_manifest(&[&shared, own]));
+    }
+    let m = start_mirror(&one_upstream(&fake, ""), "5m").await;
+    let client = reqwest::Client::new();
+    let started: serde_json::Value = client
+        .post(format!("{}/api/prefetch", m.admin))
+        .body(r#"{"images": ["a:1", "b:1"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report_url = format!("{}{}", m.admin, started["status"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let report: serde_json::Value = get(&report_url).await.json().await.unwrap();
+        if report["state"] == "done" {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "the prefetch never ended: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let images = report["images"].as_array().unwrap();
+    let sum = |key: &str| images.iter().map(|i| i[key].as_u64().unwrap()).sum::<u64>();
+    assert!(images.iter().all(|i| i["ok"] == true), "{report}");
+    // The cache was empty: the config and the base layer were fetched once, for one image,
+    // and shared with the other, never "already cached".
+    assert_eq!(sum("blobs_cached"), 0, "{report}");
+    assert_eq!(sum("blobs_fetched"), 4, "{report}");
+    assert_eq!(sum("blobs_shared"), 2, "{report}");
+    assert_eq!(fake.count(&format!("GET /v2/library/a/blobs/{shared}"))
+        + fake.count(&format!("GET /v2/library/b/blobs/{shared}")), 1);
 }

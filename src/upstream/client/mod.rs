@@ -198,7 +198,9 @@ impl Upstream {
                 Ok(resp) => return Ok(resp),
                 Err(err) => err,
             };
-            if attempt < self.retries && worth_retrying(&err) {
+            // With every URL's circuit open, a retry would ask nobody: fail now, so that a
+            // cached answer is served stale at once.
+            if attempt < self.retries && worth_retrying(&err) && !self.endpoints.all_skipped() {
                 attempt += 1;
                 let wait = backoff(attempt);
                 debug!(upstream = %self.name, path = call.path, error = %err, attempt, ?wait, "retrying");
@@ -220,7 +222,9 @@ impl Upstream {
     /// wins; otherwise the last URL's error.
     async fn attempt(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
         let mut last = None;
+        let mut tried = false;
         for endpoint in self.endpoints.to_try() {
+            tried = true;
             if last.is_some() {
                 self.metrics
                     .upstream_failovers
@@ -228,8 +232,9 @@ impl Upstream {
                     .inc();
             }
             let result = self.authenticated(call, endpoint).await;
-            let failed = result.as_ref().err().is_some_and(is_url_failure);
-            self.record_health(endpoint, !failed);
+            let failed = result.as_ref().err().filter(|e| is_url_failure(e));
+            self.record_health(endpoint, failed.map(|e| e.kind.to_string()));
+            let failed = failed.is_some();
             match result {
                 Err(err) if failed || matches!(err.kind, UpstreamErrorKind::NotFound) => {
                     last = Some(err);
@@ -237,11 +242,15 @@ impl Upstream {
                 other => return other,
             }
         }
+        if !tried {
+            let why = self.endpoints.skipped_because();
+            return Err(self.error(UpstreamErrorKind::CircuitOpen(why)));
+        }
         Err(last.unwrap_or_else(|| self.error(UpstreamErrorKind::Connect("no URL".into()))))
     }
 
-    fn record_health(&self, endpoint: &Endpoint, ok: bool) {
-        let Some(open) = endpoint.record(ok) else {
+    fn record_health(&self, endpoint: &Endpoint, failure: Option<String>) {
+        let Some(open) = endpoint.record(failure) else {
             return;
         };
         self.metrics

@@ -60,6 +60,9 @@ mod tests {
         ))));
         let throttled = UpstreamErrorKind::TooManyRequests { retry_after: None };
         assert!(!worth_retrying(&err(throttled)));
+        // Nothing was sent: retrying would only wait on circuits that are still open.
+        let skipped = err(UpstreamErrorKind::CircuitOpen("x".into()));
+        assert!(!worth_retrying(&skipped) && !is_url_failure(&skipped));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Throwaway certificates made with the `openssl` CLI: a CA, and server certificates for
 //! 127.0.0.1 that it signs (each with its own serial and the common name asked for).
 
+use super::tools;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 pub struct Ca {
     dir: PathBuf,
@@ -95,7 +95,7 @@ impl Ca {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
+    let out = tools::command("openssl")
         .args(args)
         .current_dir(dir)
         .output()

@@ -2,7 +2,6 @@
 //! each configured by `dockside client-config` or a shipped example from `deploy/clients/`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -10,6 +9,7 @@ use tempfile::TempDir;
 use super::dockside::Dockside;
 use super::proc::Proc;
 use super::skopeo::{CmdOut, run};
+use super::tools;
 use super::wait_for;
 
 /// The shipped example `deploy/clients/<rel>`, with its placeholder address replaced by
@@ -69,6 +69,7 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Containerd {
+        tools::require_root("running containerd");
         let dir = tempdir("e2e-containerd-");
         let d = dir.path();
         let sock = d.join("c.sock");
@@ -91,7 +92,7 @@ impl Containerd {
         std::fs::create_dir_all(d.join("tmp")).unwrap();
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut cmd = Command::new("containerd");
+        let mut cmd = tools::command("containerd");
         cmd.arg("--config").arg(&cfg);
         let proc = Proc::spawn(
             "containerd",
@@ -115,7 +116,7 @@ impl Containerd {
     }
 
     pub fn ctr(&self, args: &[&str], timeout: Duration) -> CmdOut {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = tools::command("ctr");
         cmd.arg("--address").arg(&self.sock).args(args);
         run(cmd, timeout)
     }
@@ -153,6 +154,7 @@ impl Podman {
     /// podman whose registries.conf is what `dockside client-config --for podman` writes for
     /// `dockside` (a mirror with a path prefix per upstream).
     pub fn new(dockside: &Dockside) -> Podman {
+        tools::require_root("running podman with its state under /run/containers");
         let dir = tempdir("e2e-podman-");
         let d = dir.path();
         dockside.client_config("podman", &d.join("generated"));
@@ -189,7 +191,7 @@ impl Podman {
 
     pub fn podman(&self, args: &[&str], timeout: Duration) -> CmdOut {
         let d = self.dir.path();
-        let mut cmd = Command::new("podman");
+        let mut cmd = tools::command("podman");
         let registries = d.join("generated/registries.conf.d/50-dockside.conf");
         cmd.env("CONTAINERS_REGISTRIES_CONF", registries)
             .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
@@ -219,6 +221,7 @@ impl Dockerd {
     /// dockerd configured by the daemon.json that `dockside client-config --for docker` writes
     /// for `dockside`.
     pub fn start(dockside: &Dockside) -> Dockerd {
+        tools::require_root("running dockerd");
         let dir = tempdir("e2e-dockerd-");
         let d = dir.path();
         let sock = d.join("docker.sock");
@@ -230,7 +233,7 @@ impl Dockerd {
         daemon["deprecated-key-path"] = serde_json::json!(d.join("key.json"));
         std::fs::write(&cfg, daemon.to_string()).unwrap();
         let footprint = Footprint::new(&["/run/docker/plugins", "/run/docker"]);
-        let mut cmd = Command::new("dockerd");
+        let mut cmd = tools::command("dockerd");
         cmd.arg(format!("--config-file={}", cfg.display()))
             .args([
                 "--storage-driver=vfs",
@@ -268,9 +271,14 @@ impl Dockerd {
         dd
     }
 
+    /// The docker CLI's configuration directory (`DOCKER_CONFIG`: its `config.json`).
+    pub fn client_dir(&self) -> PathBuf {
+        self.dir.path().join("client")
+    }
+
     pub fn docker(&self, args: &[&str], timeout: Duration) -> CmdOut {
-        let mut cmd = Command::new("docker");
-        cmd.env("DOCKER_CONFIG", self.dir.path().join("client"))
+        let mut cmd = tools::command("docker");
+        cmd.env("DOCKER_CONFIG", self.client_dir())
             .arg("-H")
             .arg(format!("unix://{}", self.sock.display()))
             .args(args);

@@ -74,6 +74,9 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Environment variables for the dockside process.
     pub env: Vec<(String, String)>,
+    /// Run `serve` without `--config`, in the temp dir: the built-in default config, with the
+    /// listeners passed as always (the fields above are then unused).
+    pub builtin: bool,
 }
 
 impl Config {
@@ -89,6 +92,15 @@ impl Config {
             extra_yaml: String::new(),
             tls: None,
             env: Vec::new(),
+            builtin: false,
+        }
+    }
+
+    /// The built-in default config (`serve` without `--config`).
+    pub fn builtin() -> Config {
+        Config {
+            builtin: true,
+            ..Config::new(Vec::new())
         }
     }
 
@@ -236,15 +248,22 @@ impl Dockside {
             .unwrap_or(0);
         let (port, admin_port) = (listeners.port(), listeners.admin_port());
         let Listeners { registry, admin } = listeners;
-        let cfg_path = dir.path().join("dockside.yaml");
-        // The config names the same addresses: `serve --upgrade` and `client-config` read them.
-        std::fs::write(
-            &cfg_path,
-            cfg.yaml(port, admin_port, &dir.path().join("cache")),
-        )
-        .unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve").arg("--config").arg(&cfg_path);
+        cmd.arg("serve");
+        if cfg.builtin {
+            // Its cache is ./dockside-cache.
+            cmd.current_dir(dir.path());
+        } else {
+            let cfg_path = dir.path().join("dockside.yaml");
+            // The config names the same addresses: `serve --upgrade` and `client-config` read
+            // them.
+            std::fs::write(
+                &cfg_path,
+                cfg.yaml(port, admin_port, &dir.path().join("cache")),
+            )
+            .unwrap();
+            cmd.arg("--config").arg(&cfg_path);
+        }
         let log_level = std::env::var("E2E_DOCKSIDE_LOG").unwrap_or_else(|_| "info".into());
         let mut env = cfg.env.clone();
         env.push(("NO_COLOR".into(), "1".into()));
@@ -331,6 +350,11 @@ impl Dockside {
             "dockside client-config --for {client}: {}",
             String::from_utf8_lossy(&result.stderr)
         );
+    }
+
+    /// The directory `serve` runs with: its config, logs and cache.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir").path()
     }
 
     /// The cache directory (`cache.dir`).

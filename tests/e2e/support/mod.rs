@@ -16,6 +16,7 @@ pub mod serial;
 pub mod serve;
 pub mod skopeo;
 pub mod token;
+pub mod tools;
 
 use std::time::{Duration, Instant};
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::proc::Proc;
+use super::tools;
 
 pub const MOTO: &str = "moto[server]==5.2.5";
 
@@ -42,7 +43,7 @@ fn venv() -> PathBuf {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        run(Command::new("python3").arg("-m").arg("venv").arg(&dir));
+        run(tools::command("python3").arg("-m").arg("venv").arg(&dir));
         run(Command::new(dir.join("bin/pip")).args([
             "install",
             "--quiet",

@@ -2,7 +2,6 @@
 //! its access log.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -10,6 +9,7 @@ use tempfile::TempDir;
 use super::certs::Ca;
 use super::proc::Proc;
 use super::token::{self, TokenServer};
+use super::tools;
 use super::wait_for;
 
 pub const USER: &str = "e2e-user";
@@ -70,7 +70,7 @@ impl Registry {
         let (auth_yaml, token) = match auth {
             Auth::None => (String::new(), None),
             Auth::Basic => {
-                let out = Command::new("htpasswd")
+                let out = tools::command("htpasswd")
                     .args(["-Bbn", user, password])
                     .output()
                     .expect("run htpasswd (package apache2-utils)");
@@ -125,7 +125,7 @@ impl Registry {
         );
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, config).unwrap();
-        let mut cmd = Command::new("docker-registry");
+        let mut cmd = tools::command("docker-registry");
         cmd.arg("serve").arg(&cfg_path);
         let log = dir.path().join("registry.log");
         let mut proc = Proc::spawn(

@@ -35,6 +35,7 @@ pub struct HostsPin {
 
 impl HostsPin {
     pub fn new() -> HostsPin {
+        super::tools::require_root("pinning Docker Hub's names to 127.0.0.1 in /etc/hosts");
         let lock = heavy();
         let current = std::fs::read_to_string(HOSTS).expect("read /etc/hosts");
         // A run that was killed may have left its pin behind: never treat it as original.

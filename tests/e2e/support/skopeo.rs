@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::digest_of;
 use super::image::{Artifact, Image, Index, write_dir_layout, write_oci_layout};
 use super::registry::Registry;
+use super::tools;
 
 /// Output of a command run with a deadline.
 #[derive(Debug)]
@@ -96,7 +97,7 @@ pub fn run(mut cmd: Command, timeout: Duration) -> CmdOut {
 }
 
 pub fn skopeo(args: &[&str], timeout: Duration) -> CmdOut {
-    let mut cmd = Command::new("skopeo");
+    let mut cmd = tools::command("skopeo");
     cmd.arg("--insecure-policy").args(args);
     // Never pick up credentials of the machine's user.
     cmd.env("REGISTRY_AUTH_FILE", "/nonexistent/e2e-auth.json");

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::json;
 
 use super::serve::LoopbackServer;
+use super::tools;
 
 pub const SERVICE: &str = "dockside-e2e-registry";
 pub const ISSUER: &str = "dockside-e2e-issuer";
@@ -51,7 +52,7 @@ impl TokenServer {
     pub fn start(dir: &Path, user: &str, password: &str) -> TokenServer {
         let key = dir.join("token-key.pem");
         let cert_pem = dir.join("token-cert.pem");
-        let out = Command::new("openssl")
+        let out = tools::command("openssl")
             .args([
                 "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
             ])
@@ -67,7 +68,7 @@ impl TokenServer {
             "openssl req failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let der = Command::new("openssl")
+        let der = tools::command("openssl")
             .args(["x509", "-outform", "DER", "-in"])
             .arg(&cert_pem)
             .output()
@@ -247,7 +248,7 @@ fn sign(s: &Shared, subject: &str, scopes: &[String]) -> String {
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
-    let mut child = Command::new("openssl")
+    let mut child = tools::command("openssl")
         .args(["dgst", "-sha256", "-binary", "-sign"])
         .arg(&s.key)
         .stdin(Stdio::piped())
