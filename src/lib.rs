@@ -8,6 +8,7 @@
 #[cfg(feature = "server")]
 pub mod admin;
 pub mod airgap;
+pub mod breaker;
 pub mod client_auth;
 pub mod client_config;
 pub mod cluster;
@@ -25,6 +26,7 @@ pub mod origin;
 pub mod preflight;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod shared;
 pub mod singleflight;
 pub mod store;
 pub mod tags;

@@ -360,6 +360,11 @@ impl Metrics {
         catch_up(&self.evicted_bytes, usage.evicted_bytes);
     }
 
+    /// Register metrics a component keeps itself (the shared tier's), so they render here.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(collector).expect("unique metric");
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

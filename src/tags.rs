@@ -158,6 +158,15 @@ impl TagCache {
         self.entries.insert(key, entry);
     }
 
+    /// Record an answer saved elsewhere (the shared tier), with the freshness it was saved with.
+    pub fn insert_saved(&self, key: TagKey, answer: StoredAnswer) {
+        if let Err(e) = self.store.save(&key, &answer) {
+            warn!(upstream = %key.upstream, name = %key.name, tag = %key.tag, error = %e,
+                  "could not save a tag answer");
+        }
+        self.entries.insert(key, entry_of(answer));
+    }
+
     pub fn remove(&self, key: &TagKey) {
         self.entries.invalidate(key);
         self.store.remove(key);

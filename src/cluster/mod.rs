@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::{ClusterConfig, Members, PeerAddr};
 use crate::metrics::Metrics;
-use crate::origin::{ChainOrigin, Origin};
+use crate::origin::Origin;
 
 pub use members::Membership;
 pub use peer::{Asked, Hop, PeerClient, PeerError, PeerManifest, PeerOrigin};
@@ -160,23 +160,14 @@ impl Cluster {
         hops
     }
 
-    /// The origin of a blob fill: the hops, then `upstream`. Counts the fill as owned or
-    /// forwarded.
-    pub fn blob_origin(
-        &self,
-        hops: &[Hop],
-        asked: &Asked,
-        upstream: Arc<dyn Origin>,
-    ) -> Arc<dyn Origin> {
-        let mut origins: Vec<Arc<dyn Origin>> = hops
-            .iter()
+    /// The hops as origins of a blob fill, in their order.
+    pub fn peer_origins(&self, hops: &[Hop], asked: &Asked) -> Vec<Arc<dyn Origin>> {
+        hops.iter()
             .map(|hop| {
                 Arc::new(PeerOrigin::new(&self.client, hop.clone(), asked.clone()))
                     as Arc<dyn Origin>
             })
-            .collect();
-        origins.push(upstream);
-        Arc::new(ChainOrigin::new(origins))
+            .collect()
     }
 
     /// Count a fill this replica started.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::error::{Check, ConfigError};
 use super::raw::RawCache;
+use super::shared::SharedConfig;
 use super::upstreams::UpstreamConfig;
 use crate::oci::ImageRef;
 
@@ -19,6 +20,8 @@ pub struct CacheConfig {
     pub tag_ttl: Duration,
     /// Images whose manifests and blobs are never evicted; each host names a configured upstream.
     pub pin: Vec<ImageRef>,
+    /// The shared tier under the local disk; `None`: local disk alone.
+    pub shared: Option<SharedConfig>,
 }
 
 impl Check<'_> {
@@ -31,11 +34,16 @@ impl Check<'_> {
             Some(s) => self.duration("cache.tag_ttl", s)?,
             None => DEFAULT_TAG_TTL,
         };
+        let shared = match &raw.shared {
+            Some(shared) => Some(self.shared(shared)?),
+            None => None,
+        };
         Ok(CacheConfig {
             dir: PathBuf::from(&raw.dir),
             max_size,
             tag_ttl,
             pin: Vec::new(),
+            shared,
         })
     }
 

@@ -22,6 +22,7 @@ mod limits;
 mod listen;
 mod password;
 mod raw;
+mod shared;
 #[cfg(test)]
 mod test_support;
 mod tls;
@@ -42,6 +43,7 @@ pub use credentials::{
 pub use error::ConfigError;
 pub use limits::Limits;
 pub use password::Credentials;
+pub use shared::{S3Config, SharedConfig};
 pub use tls::TlsConfig;
 pub use upstreams::{Circuit, Timeouts, UpstreamConfig};
 pub use values::Secret;

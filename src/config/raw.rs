@@ -81,6 +81,26 @@ pub(super) struct RawCache {
     pub(super) tag_ttl: Option<Scalar>,
     #[serde(default)]
     pub(super) pin: Vec<String>,
+    pub(super) shared: Option<RawShared>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShared {
+    pub(super) s3: RawS3,
+    pub(super) timeout: Option<Scalar>,
+    pub(super) circuit: Option<RawCircuit>,
+    pub(super) upload_queue: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawS3 {
+    pub(super) endpoint: Option<String>,
+    pub(super) bucket: String,
+    pub(super) region: String,
+    pub(super) prefix: Option<String>,
+    pub(super) profile: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -135,6 +135,17 @@ impl Fills {
         digest: &Digest,
         origin: Arc<dyn Origin>,
     ) -> Result<BlobSource, StoreError> {
+        self.get_with(digest, || origin).await
+    }
+
+    /// [`Fills::get`] with the origin made only when a new fill starts: a hit or a join costs
+    /// nothing of what an origin needs (a cluster's ranking, a chain).
+    pub async fn get_with(
+        &self,
+        digest: &Digest,
+        origin: impl FnOnce() -> Arc<dyn Origin>,
+    ) -> Result<BlobSource, StoreError> {
+        let mut origin = Some(origin);
         loop {
             // Read before the store is asked: a fill commits to the store before it leaves the
             // map and counts itself out, so a miss in both with this unchanged means no fill
@@ -166,6 +177,7 @@ impl Fills {
             };
             inflight.insert(digest.clone(), entry);
             drop(inflight);
+            let origin = origin.take().expect("a fill starts once")();
             let fill = Arc::new(Fill {
                 digest: digest.clone(),
                 origin,
@@ -260,6 +272,7 @@ impl Fill {
                 if matches!(err, FillError::DigestMismatch { .. }) {
                     let o = self.origin();
                     metrics.upstream_event(&metrics.digest_mismatches, o.kind.as_str(), &o.name);
+                    self.origin.rejected(&self.digest);
                 }
                 warn!(digest = %self.digest, error = %err, "blob fill failed; nothing was cached");
                 self.tx.send_replace(FillState::Failed(err));
@@ -305,7 +318,10 @@ impl Fill {
             return;
         }
         match ingest.commit(proof).await {
-            Ok(_) => info!(%digest, %origin, bytes = len, "blob cached"),
+            Ok(_) => {
+                info!(%digest, %origin, bytes = len, "blob cached");
+                self.origin.kept(digest, len);
+            }
             // Pins grew while it was written: it no longer fits.
             Err(e @ (StoreError::TooLarge { .. } | StoreError::NoRoom { .. })) => {
                 self.not_kept(len, &e)

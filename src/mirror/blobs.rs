@@ -13,7 +13,8 @@ use crate::fill::{BlobBody, BlobSource, wait_started};
 use crate::oci::range::{Span, parse_range};
 use crate::oci::{Digest, RepoName};
 use crate::origin::upstream::content_length;
-use crate::origin::{Origin, UpstreamOrigin};
+use crate::origin::{ChainOrigin, Origin, UpstreamOrigin};
+use crate::shared::origin::KeepBehind;
 use crate::upstream::Upstream;
 
 impl Mirror {
@@ -70,9 +71,9 @@ impl Mirror {
         }
     }
 
-    /// Where a blob's bytes come from: the store, the fill in flight, or a new fill from
-    /// the cluster's hops and then the upstream. `None`: a member asked for what this replica
-    /// holds, and it holds nothing.
+    /// Where a blob's bytes come from: the store, the fill in flight, or a new fill from the
+    /// shared tier, the cluster's hops and then the upstream. `None`: a member asked for what
+    /// this replica holds, and it holds nothing.
     async fn blob_source(
         &self,
         upstream: &Arc<Upstream>,
@@ -83,17 +84,26 @@ impl Mirror {
         if is_held_only(via) {
             return Ok(self.store.open(digest).await?.map(BlobSource::Cached));
         }
-        let origin: Arc<dyn Origin> = Arc::new(UpstreamOrigin::new(upstream, name));
-        let Some(cluster) = &self.cluster else {
-            return Ok(Some(self.fills.get(digest, origin).await?));
+        // Made only when a fill starts: a hit or a join ranks nothing and builds no chain.
+        let origin = || {
+            let mut origins = Vec::new();
+            let mut last: Arc<dyn Origin> = Arc::new(UpstreamOrigin::new(upstream, name));
+            if let Some(tier) = &self.shared {
+                origins.push(tier.origin());
+                last = Arc::new(KeepBehind::new(last, tier.clone()));
+            }
+            if let Some(cluster) = &self.cluster {
+                let hops = cluster.hops(&RingKey::digest(digest), via);
+                origins.extend(cluster.peer_origins(&hops, &asked(upstream, name)));
+                cluster.count_fill(&hops);
+            }
+            origins.push(last);
+            match origins.len() {
+                1 => origins.pop().expect("one origin"),
+                _ => Arc::new(ChainOrigin::new(origins)) as Arc<dyn Origin>,
+            }
         };
-        let hops = cluster.hops(&RingKey::digest(digest), via);
-        let origin = cluster.blob_origin(&hops, &asked(upstream, name), origin);
-        let source = self.fills.get(digest, origin).await?;
-        if let BlobSource::Filling { joined: false, .. } = &source {
-            cluster.count_fill(&hops);
-        }
-        Ok(Some(source))
+        Ok(Some(self.fills.get_with(digest, origin).await?))
     }
 
     /// HEAD of a blob: from the cache or a fill in flight when we can, else asked of the
@@ -119,10 +129,7 @@ impl Mirror {
         }
         let known = match known {
             Some(known) => Some(known),
-            None => self
-                .blob_len_from_peers(upstream, name, digest, via)
-                .await?
-                .map(|len| (len, Outcome::Pass)),
+            None => self.blob_len_elsewhere(upstream, name, digest, via).await?,
         };
         let (len, outcome) = match known {
             Some((len, outcome)) => (Some(len), outcome),
@@ -147,6 +154,27 @@ impl Mirror {
             partial: false,
         };
         Ok(blob_response(digest, span, len, None, outcome))
+    }
+}
+
+impl Mirror {
+    /// A blob's length from the shared tier, else the cluster's hops.
+    async fn blob_len_elsewhere(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        digest: &Digest,
+        via: &Via,
+    ) -> Result<Option<(u64, Outcome)>, ApiError> {
+        if let Some(tier) = &self.shared {
+            if let Some(len) = tier.len(digest).await {
+                return Ok(Some((len, Outcome::Pass)));
+            }
+        }
+        let len = self
+            .blob_len_from_peers(upstream, name, digest, via)
+            .await?;
+        Ok(len.map(|len| (len, Outcome::Pass)))
     }
 }
 

@@ -2,6 +2,7 @@
 //! failure) or one upstream fetch per digest and per tag.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -19,7 +20,7 @@ use crate::oci::manifest::MANIFEST_LIMIT;
 use crate::oci::media::{self, AcceptSet};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::origin::upstream::content_length;
-use crate::tags::{TagEntry, TagKey};
+use crate::tags::{StoredAnswer, TagEntry, TagKey};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind};
 
 impl Mirror {
@@ -45,10 +46,11 @@ impl Mirror {
         }
         // Nothing larger than a manifest may be is read into memory (a blob asked for as one).
         let body = match self.store.read_small(digest, MANIFEST_LIMIT).await {
-            Ok(body) => {
+            Ok(Some(body)) => {
                 self.budget.touch(digest);
-                body?
+                body
             }
+            Ok(None) => self.manifest_from_tier(digest).await?,
             Err(e) => {
                 warn!(%digest, error = %e, "could not read cached manifest");
                 return None;
@@ -62,6 +64,16 @@ impl Mirror {
         });
         self.manifests.insert(digest.clone(), manifest.clone());
         Some(manifest)
+    }
+
+    /// A manifest the shared tier holds (verified there), kept in the local store too.
+    async fn manifest_from_tier(&self, digest: &Digest) -> Option<Bytes> {
+        let body = self.shared.as_ref()?.small(digest, MANIFEST_LIMIT).await?;
+        match self.store.put(digest, body.clone()).await {
+            Ok(()) => self.metrics.record_usage(self.budget.usage()),
+            Err(e) => self.metrics.store_write_error("manifest", &e),
+        }
+        Some(body)
     }
 
     pub(super) async fn manifest_by_digest(
@@ -141,9 +153,13 @@ impl Mirror {
                 actual: digest.to_string(),
             });
         }
-        Ok(self
+        let manifest = self
             .keep_manifest(&upstream.name, name, digest, body, content_type)
-            .await)
+            .await;
+        if let Some(tier) = &self.shared {
+            tier.keep(&manifest.digest);
+        }
+        Ok(manifest)
     }
 
     /// A verified manifest: into the store and memory.
@@ -198,7 +214,10 @@ impl Mirror {
                 .map(|m| (m, Outcome::Hit))
                 .ok_or_else(|| ApiError::offline(&upstream.name, manifest_unknown(&key)));
         }
-        let known = self.tags.get(&key);
+        let mut known = self.tags.get(&key);
+        if known.is_none() && self.tags_from_tier(&key).await {
+            known = self.tags.get(&key);
+        }
         if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {
             if let Some(m) = self.cached_manifest(&entry.digest).await {
                 return Ok((m, Outcome::Hit));
@@ -236,8 +255,7 @@ impl Mirror {
                 .await;
             return match fetched {
                 Ok(m) => {
-                    self.tags
-                        .insert(key.clone(), m.digest.clone(), upstream.tag_ttl);
+                    self.tag_answered(&key, &m.digest, upstream.tag_ttl);
                     self.watch_pins(&key.upstream, &key.name);
                     Ok((m, Outcome::Miss))
                 }
@@ -274,8 +292,7 @@ impl Mirror {
                         (m, Outcome::Miss)
                     }
                 };
-                self.tags
-                    .insert(key.clone(), m.digest.clone(), upstream.tag_ttl);
+                self.tag_answered(&key, &m.digest, upstream.tag_ttl);
                 self.watch_pins(&key.upstream, &key.name);
                 Ok((m, outcome))
             }
@@ -287,6 +304,36 @@ impl Mirror {
                 Err(ApiError::from_upstream(&err, manifest_unknown(&key)))
             }
         }
+    }
+
+    /// An answer the upstream gave: into the tag cache, and the shared tier for other
+    /// replicas and later clusters.
+    fn tag_answered(&self, key: &TagKey, digest: &Digest, ttl: std::time::Duration) {
+        self.tags.insert(key.clone(), digest.clone(), ttl);
+        if let Some(tier) = &self.shared {
+            let answer = StoredAnswer {
+                digest: digest.clone(),
+                fresh_until: SystemTime::now() + ttl,
+            };
+            tier.keep_tag(key, &answer);
+        }
+    }
+
+    /// The shared tier's answers for a tag this replica has none for, into the tag cache
+    /// (with the freshness they were saved with). Whether it had any.
+    async fn tags_from_tier(&self, key: &TagKey) -> bool {
+        let Some(tier) = &self.shared else {
+            return false;
+        };
+        let answers = tier.tag_answers(&key.upstream, &key.name, &key.tag).await;
+        for (accept, answer) in &answers {
+            let key = TagKey {
+                accept: *accept,
+                ..key.clone()
+            };
+            self.tags.insert_saved(key, answer.clone());
+        }
+        !answers.is_empty()
     }
 
     pub(super) async fn serve_stale(

@@ -38,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::oci::media::AcceptSet;
 use crate::oci::route::{self, Route, Target};
 use crate::oci::{Digest, Reference, RepoName};
+use crate::shared::{S3Tier, Tier};
 use crate::singleflight::SingleFlight;
 use crate::store::{BlobStore, Budget, DiskStore, Storage};
 use crate::tags::{TagCache, TagKey};
@@ -69,6 +70,8 @@ pub struct Mirror {
     pins: Vec<(Arc<str>, RepoName, Reference)>,
     /// `cluster`: the other replicas this one asks before its upstream.
     cluster: Option<Arc<Cluster>>,
+    /// `cache.shared`: the slow tier under the store, read before any origin, written behind.
+    shared: Option<Arc<dyn Tier>>,
     metrics: Arc<Metrics>,
 }
 
@@ -97,12 +100,33 @@ impl Mirror {
         Mirror::with_storage(config, metrics, Storage::of(Arc::new(store)), tags)
     }
 
-    /// A mirror over any blob store and tag cache (the in-process suite also runs on memory).
+    /// A mirror over any blob store and tag cache (the in-process suite also runs on memory),
+    /// with `cache.shared` on S3 when the config has it.
     pub fn with_storage(
         config: &Config,
         metrics: Arc<Metrics>,
         storage: Storage,
         tags: TagCache,
+    ) -> anyhow::Result<Arc<Mirror>> {
+        let shared = match &config.cache.shared {
+            Some(shared) => {
+                let tier = S3Tier::open(shared, &metrics)
+                    .map_err(|e| anyhow::anyhow!("cache.shared: {e}"))?;
+                tier.start(storage.blobs.clone());
+                Some(tier as Arc<dyn Tier>)
+            }
+            None => None,
+        };
+        Mirror::with_tier(config, metrics, storage, tags, shared)
+    }
+
+    /// A mirror over any store, tag cache and shared tier (tests pass one on memory).
+    pub fn with_tier(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        storage: Storage,
+        tags: TagCache,
+        shared: Option<Arc<dyn Tier>>,
     ) -> anyhow::Result<Arc<Mirror>> {
         let Storage {
             blobs: store,
@@ -122,6 +146,7 @@ impl Mirror {
         };
         let mirror = Mirror {
             cluster,
+            shared,
             upstreams,
             pins,
             stopping: Default::default(),

@@ -59,7 +59,8 @@ pub fn parse_range(header: Option<&str>, len: Option<u64>) -> Result<Span, Range
             let end = match last {
                 "" => len,
                 last => match last.parse::<u64>() {
-                    Ok(l) if l >= start => (l + 1).min(len),
+                    // A last byte of u64::MAX is a client saying "to the end": no overflow.
+                    Ok(l) if l >= start => l.saturating_add(1).min(len),
                     _ => return Ok(whole),
                 },
             };
@@ -100,6 +101,15 @@ mod tests {
                 header: "bytes=-5".into(),
                 len: 0
             }
+        );
+    }
+
+    #[test]
+    fn a_last_byte_of_u64_max_means_to_the_end() {
+        let header = format!("bytes=10-{}", u64::MAX);
+        assert_eq!(
+            parse_range(Some(&header), Some(100)).unwrap(),
+            span(10, 100)
         );
     }
 

@@ -42,6 +42,17 @@ impl Origin for ChainOrigin {
         self.at(self.current.load(Ordering::Acquire)).name()
     }
 
+    /// Told to the origin that sent the last bytes: the one the fill's verdict is about.
+    fn kept(&self, digest: &Digest, len: u64) {
+        self.at(self.current.load(Ordering::Acquire))
+            .kept(digest, len);
+    }
+
+    fn rejected(&self, digest: &Digest) {
+        self.at(self.current.load(Ordering::Acquire))
+            .rejected(digest);
+    }
+
     async fn fetch(&self, digest: &Digest, from: u64) -> Result<OriginBody, OriginError> {
         let last = self.origins.len() - 1;
         let mut i = self.current.load(Ordering::Acquire).min(last);

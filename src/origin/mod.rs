@@ -31,6 +31,8 @@ pub enum OriginKind {
     Upstream,
     /// Another replica of the cluster.
     Peer,
+    /// The object-storage tier under the local disks, shared by every replica.
+    Shared,
     /// Bytes a test or a tool holds already.
     Fixed,
 }
@@ -40,6 +42,7 @@ impl OriginKind {
         match self {
             OriginKind::Upstream => "upstream",
             OriginKind::Peer => "peer",
+            OriginKind::Shared => "shared",
             OriginKind::Fixed => "fixed",
         }
     }
@@ -81,6 +84,14 @@ pub trait Origin: Send + Sync + 'static {
     /// The blob's bytes from `from` on. With `from > 0` (a resume after a broken body) the
     /// answer is exactly bytes `from..` of a blob of the same length, or an error.
     async fn fetch(&self, digest: &Digest, from: u64) -> Result<OriginBody, OriginError>;
+
+    /// The fill verified and kept the bytes this origin sent for `digest` (the shared tier's
+    /// write-behind hooks in here). Called once per fill, after the local commit.
+    fn kept(&self, _digest: &Digest, _len: u64) {}
+
+    /// The bytes this origin sent for `digest` did not hash to it: nothing was kept. An origin
+    /// that stores objects removes its bad copy here.
+    fn rejected(&self, _digest: &Digest) {}
 }
 
 /// Why an origin could not give a blob's bytes.

@@ -16,15 +16,20 @@ use crate::support::registry::{Auth, Registry, count};
 use crate::support::{serial, skopeo, wait_for};
 
 /// What one client got: per object, (status, sha256 of the body).
-type Pulled = Vec<(String, u16, String)>;
+pub(crate) type Pulled = Vec<(String, u16, String)>;
 
-fn sha(data: &[u8]) -> String {
+pub(crate) fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
 /// The pull workflow of one client: the index by tag, the amd64 manifest by digest, then its
 /// config and layers. Returns what each request answered.
-async fn pull(client: reqwest::Client, base: String, repo: &str, index: &Index) -> Pulled {
+pub(crate) async fn pull(
+    client: reqwest::Client,
+    base: String,
+    repo: &str,
+    index: &Index,
+) -> Pulled {
     let img = index.image("amd64");
     let mut paths = vec![
         format!("/v2/{repo}/manifests/v1"),
@@ -50,7 +55,7 @@ async fn pull(client: reqwest::Client, base: String, repo: &str, index: &Index) 
     out
 }
 
-fn expected(repo: &str, index: &Index) -> Pulled {
+pub(crate) fn expected(repo: &str, index: &Index) -> Pulled {
     let img = index.image("amd64");
     let mut out = vec![
         (
@@ -74,7 +79,7 @@ fn expected(repo: &str, index: &Index) -> Pulled {
     out
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

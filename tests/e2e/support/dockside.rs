@@ -77,6 +77,8 @@ pub struct Config {
     /// Run `serve` without `--config`, in the temp dir: the built-in default config, with the
     /// listeners passed as always (the fields above are then unused).
     pub builtin: bool,
+    /// More keys under `cache:` (2-space indent), e.g. `shared:`.
+    pub cache_yaml: String,
 }
 
 impl Config {
@@ -93,6 +95,7 @@ impl Config {
             tls: None,
             env: Vec::new(),
             builtin: false,
+            cache_yaml: String::new(),
         }
     }
 
@@ -127,6 +130,7 @@ impl Config {
             self.max_size,
             self.tag_ttl
         );
+        y = y.replace("upstreams:\n", &format!("{}upstreams:\n", self.cache_yaml));
         if !self.pin.is_empty() {
             y = y.replace(
                 "upstreams:\n",

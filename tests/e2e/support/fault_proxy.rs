@@ -68,8 +68,13 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `reg` (which must outlive the proxy's use).
     pub fn start(reg: &Registry, mode: Mode) -> FaultProxy {
+        FaultProxy::to_host(reg.host(), mode)
+    }
+
+    /// The same in front of any plain-HTTP server at `host` (`127.0.0.1:PORT`).
+    pub fn to_host(host: String, mode: Mode) -> FaultProxy {
         let shared = Arc::new(Shared {
-            upstream: reg.host(),
+            upstream: host,
             mode: Mutex::new(mode),
             requests: Mutex::new(Vec::new()),
             body_bytes: Default::default(),

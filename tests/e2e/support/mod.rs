@@ -12,6 +12,7 @@ pub mod image;
 pub mod moto;
 pub mod proc;
 pub mod registry;
+pub mod s3;
 pub mod serial;
 pub mod serve;
 pub mod skopeo;

@@ -152,6 +152,11 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The venv moto runs from, with boto3.
+    pub fn venv(&self) -> &std::path::Path {
+        &self.venv
+    }
+
     /// Creates the IAM user, role and policies with boto3 and reads moto's ECR password.
     pub fn setup(&self) -> Setup {
         let out = Command::new(self.venv.join("bin/python"))
