@@ -86,6 +86,7 @@ class Bench:
         self.sz = sizes
         self.rows = []
         self.cluster_rows = []
+        self.tier_rows = []
         self.parts = []
         self.notes = []
 
@@ -100,6 +101,55 @@ class Bench:
 
     def row(self, what, unit, target="", ok=None, **values):
         self.rows.append(dict(what=what, unit=unit, target=target, ok=ok, values=values))
+
+    # --- shared tier (issue #9) ----------------------------------------------------------------
+
+    def shared_tier(self):
+        """skopeo pulls of each image through replica A (cold: from upstream; warm: its disk),
+        then, once A has written everything behind and is gone, through a new replica B with
+        an empty disk: from the shared tier (moto's S3 server on loopback), upstream unasked."""
+        venv = c.moto_venv()
+        if venv is None:
+            self.notes.append("shared tier part skipped: no moto venv (target/e2e-venv)")
+            return
+        moto = c.start_moto(self.st, venv)
+        for name, img in self.images.items():
+            times = {"upstream": [], "local": [], "tier": []}
+            for i in range(self.sz.pull_rounds):
+                bucket = f"bench-{name}-{i}"
+                c.make_bucket(moto, bucket)
+                tiered = dict(cache_yaml=c.shared_yaml(moto.url, bucket), env_extra=c.S3_ENV)
+                a = c.spawn_dockside(self.st, self.up, name="dockside-tier-a", **tiered)
+                c.wait_dockside(a)
+                times["upstream"].append(self.pull(a, img))
+                times["local"].append(self.pull(a, img))
+                objects = len(img.blobs) + 1
+                c.wait_until(
+                    f"{a.name} to write {objects} objects behind",
+                    lambda: c.metrics(a).get('dockside_shared_uploads_total{outcome="uploaded"}', 0)
+                    >= objects,
+                    a,
+                    timeout=600,
+                )
+                self.st.stop(a)
+                b = c.spawn_dockside(self.st, self.up, name="dockside-tier-b", **tiered)
+                c.wait_dockside(b)
+                off = self.up.log_size()
+                times["tier"].append(self.pull(b, img))
+                asked = c.upstream_requests_since(self.up, off)
+                if asked:
+                    self.notes.append(f"shared-tier pull of {name} asked upstream: {asked[:3]}")
+                self.st.stop(b)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            self.tier_rows.append(
+                dict(
+                    what=f"skopeo copy {name} ({img.size / 1e6:.0f} MB)",
+                    unit="s",
+                    target="",
+                    ok=None,
+                    values=med,
+                )
+            )
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -499,6 +549,24 @@ class Bench:
         row("fills forwarded to the owner", "fills", "forwarded", clustered_only=True)
 
 
+def tier_ratios(values):
+    """A pull from the shared tier against one from upstream and one from the local disk."""
+    t, up, local = values.get("tier"), values.get("upstream"), values.get("local")
+    out = []
+    if t is not None and up:
+        out.append(f"tier/upstream {t / up:.2f}")
+    if t is not None and local:
+        out.append(f"tier/local {t / local:.2f}")
+    return ", ".join(out)
+
+
+TIER_COLUMNS = {
+    "upstream": "cold, from upstream",
+    "local": "warm, local disk",
+    "tier": "new replica, shared tier",
+}
+
+
 def make_cache(cache, n):
     """`n` small objects laid out as dockside keeps them; each file hashes to its name."""
     last = None
@@ -613,6 +681,15 @@ def report(b, mode, started, load_before):
             table(b.cluster_rows, CLUSTER_COLUMNS, cluster_ratios),
             "",
         ]
+    if b.tier_rows:
+        lines += [
+            "Shared tier (issue #9): the same skopeo pull through a replica from upstream (cold), "
+            "from its local disk (warm), and through a new replica with an empty disk from the "
+            "shared tier (moto's S3 server on loopback).",
+            "",
+            table(b.tier_rows, TIER_COLUMNS, tier_ratios),
+            "",
+        ]
     lines += [
         "Time per part: " + ", ".join(f"{n} {s:.0f}s" for n, s in b.parts) + ".",
     ]
@@ -628,7 +705,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
     ap.add_argument(
         "--only",
-        help="comma-separated parts to run (blob,manifest,pull,herd,rss,startup,cluster); "
+        help="comma-separated parts to run (blob,manifest,pull,herd,rss,startup,cluster,shared); "
         "default all",
     )
     args = ap.parse_args()
@@ -643,6 +720,7 @@ def main():
         "rss": ("peak RSS", "peak_rss"),
         "startup": ("start with a big cache", "startup"),
         "cluster": ("cluster", "cluster"),
+        "shared": ("shared tier", "shared_tier"),
     }
     chosen = args.only.split(",") if args.only else list(parts)
     if "rss" in chosen and "herd" not in chosen:

@@ -321,20 +321,24 @@ def start_dockside(st, upstream, cache_dir=None, name="dockside", ready_timeout=
     return srv
 
 
-def spawn_dockside(st, upstream, cache_dir=None, name="dockside", sockets=None, extra_yaml=""):
+def spawn_dockside(st, upstream, cache_dir=None, name="dockside", sockets=None, extra_yaml="",
+                   cache_yaml="", env_extra=None):
     """Starts dockside without waiting for it (`wait_dockside`). Its listeners are bound here
     and passed by socket activation; `sockets` = (registry, admin) when the caller bound them
     already (a cluster's members must know each other's ports before any starts).
-    `extra_yaml` is appended to the config."""
+    `extra_yaml` is appended to the config, `cache_yaml` added under `cache:`, `env_extra` to
+    its environment."""
     if not DOCKSIDE_BIN.exists():
         raise RuntimeError(f"{DOCKSIDE_BIN} is missing: run `cargo build --release` first")
     d = st.dir(name)
     cache_dir = cache_dir or d / "cache"
     registry, admin = sockets or (listener(), listener())
     port, admin_port = registry.getsockname()[1], admin.getsockname()[1]
-    (d / "dockside.yaml").write_text(dockside_yaml(port, admin_port, cache_dir, upstream.url)
-                                     + extra_yaml)
+    text = dockside_yaml(port, admin_port, cache_dir, upstream.url)
+    text = text.replace("upstreams:\n", cache_yaml + "upstreams:\n", 1) + extra_yaml
+    (d / "dockside.yaml").write_text(text)
     env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_DOCKSIDE_LOG", "warn"), NO_COLOR="1")
+    env.update(env_extra or {})
     argv = [str(DOCKSIDE_BIN), "serve", "--config", str(d / "dockside.yaml")]
     srv = st.spawn(
         name, argv, port, d / "dockside.log", signal.SIGINT, env=env,
@@ -404,6 +408,52 @@ def start_replicas(st, upstream, n, name, secret_file=None, known=()):
                 srv,
             )
     return servers
+
+
+# --- the shared tier's S3 server (issue #9) ----------------------------------------------------
+
+# Credentials dockside sends moto (which checks none); no instance metadata lookups.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def moto_venv():
+    """The venv the e2e suite installs moto[server] in (`.ci/run` makes it), or None."""
+    venv = Path(os.environ.get("DOCKSIDE_E2E_VENV", REPO / "target" / "e2e-venv"))
+    return venv if (venv / "bin" / "moto_server").exists() else None
+
+
+def start_moto(st, venv):
+    """moto's server on a port it binds itself (port 0), read back from its log."""
+    d = st.dir("moto")
+    srv = st.spawn("moto", [str(venv / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", "0"],
+                   0, d / "moto.log", signal.SIGINT)
+
+    def port():
+        m = re.search(r"Running on http://127\.0\.0\.1:(\d+)", srv.log_text())
+        return int(m.group(1)) if m else None
+
+    wait_until("moto to log its port", port, srv)
+    srv.port = port()
+    wait_until("moto to answer", lambda: answers(f"{srv.url}/moto-api/"), srv)
+    return srv
+
+
+def make_bucket(moto, bucket):
+    status, _, body = request(f"{moto.url}/{bucket}", method="PUT")
+    if status != 200:
+        raise RuntimeError(f"create bucket {bucket}: {status} {body[:200]!r}")
+
+
+def shared_yaml(endpoint, bucket):
+    """The `cache.shared` keys (2-space indent, under `cache:`)."""
+    return (
+        f"  shared:\n    s3:\n      endpoint: {json.dumps(endpoint)}\n"
+        f"      bucket: {bucket}\n      region: us-east-1\n      prefix: cache/\n"
+    )
 
 
 def metrics(srv):

@@ -190,3 +190,38 @@ async fn a_blob_reads_from_any_offset_and_an_absent_one_is_not_held() {
     let got: Vec<Bytes> = body.chunks.map(|c| c.unwrap()).collect().await;
     assert_eq!(&got.concat()[..], b"456789");
 }
+
+#[tokio::test]
+async fn a_rejected_blob_is_not_read_again_until_the_right_bytes_are_written_over_it() {
+    let store = Arc::new(InMemory::new());
+    let tier = tier(&store);
+    let data = Bytes::from_static(b"the right bytes");
+    let digest = Digest::of(&data);
+    let path = Path::from(format!("cache/blobs/sha256/{}", digest.hex()));
+    store
+        .put(&path, Bytes::from_static(b"the wrong bytes").into())
+        .await
+        .unwrap();
+    let origin = tier.origin();
+    assert!(origin.fetch(&digest, 0).await.is_ok());
+    // The fill found a mismatch; the removal is queued (no write-behind thread runs here).
+    origin.rejected(&digest);
+    let skipped = origin.fetch(&digest, 0).await.err().unwrap();
+    assert!(matches!(
+        skipped.kind,
+        crate::origin::OriginErrorKind::NotHeld
+    ));
+    // A fill from upstream kept the right bytes: they replace the bad copy, present or not.
+    let local = Arc::new(MemoryStore::new(1 << 20));
+    local.put(&digest, data.clone()).await.unwrap();
+    assert_eq!(
+        upload::upload(&tier, local.as_ref(), &digest).await,
+        "uploaded"
+    );
+    let kept = store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(kept, data);
+    assert!(
+        origin.fetch(&digest, 0).await.is_ok(),
+        "read again once written anew"
+    );
+}
