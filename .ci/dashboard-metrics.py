@@ -22,7 +22,8 @@ def declared(metrics_rs):
     """{name: labels} from the counter(...)/gauge(...)/Opts::new(...) calls in metrics.rs."""
     text = open(metrics_rs, encoding="utf-8").read()
     found = {}
-    for m in re.finditer(r'"(dockside_\w+)",\s*"[^"]*"\s*(?:\)\s*,|,)\s*(&\[[^\]]*\])?', text):
+    # The labels follow the help text, or the call that wraps name and help (`opts(...)`).
+    for m in re.finditer(r'"(dockside_\w+)",\s*"[^"]*"\s*(?:,?\s*\)\s*,|,)\s*(&\[[^\]]*\])?', text):
         found[m.group(1)] = set(re.findall(r'"(\w+)"', m.group(2) or ""))
     return found
 
@@ -71,6 +72,8 @@ def problems(dashboard, known):
                 if label not in labels:
                     yield f"{where}: {name} has no label {label!r}"
         in_expr = set().union(*(known.get(n, set()) for n in names)) | TARGET_LABELS
+        if re.search(r"\bdockside_\w+_bucket\b", expr):
+            in_expr.add("le")  # a histogram's buckets
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             for label in re.findall(r"\w+", group):
                 if label not in in_expr:

@@ -91,6 +91,7 @@ pub(super) struct RawShared {
     pub(super) timeout: Option<Scalar>,
     pub(super) circuit: Option<RawCircuit>,
     pub(super) upload_queue: Option<usize>,
+    pub(super) max_age: Option<Scalar>,
 }
 
 #[derive(Deserialize)]

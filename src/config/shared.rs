@@ -21,6 +21,9 @@ pub struct SharedConfig {
     pub timeout: Duration,
     pub circuit: Circuit,
     pub upload_queue: usize,
+    /// Objects written longer ago than this are deleted from the tier by dockside itself;
+    /// `None`: the bucket's lifecycle rules bound it.
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,12 @@ impl Check<'_> {
             )?,
             circuit: self.circuit(&format!("{key}.circuit"), raw.circuit.as_ref())?,
             upload_queue,
+            max_age: match &raw.max_age {
+                Some(age) => {
+                    Some(self.timeout(&format!("{key}.max_age"), Some(age), DEFAULT_TIMEOUT)?)
+                }
+                None => None,
+            },
         })
     }
 
@@ -181,7 +190,11 @@ mod tests {
         assert_eq!(shared.s3.prefix, "cache/");
         assert_eq!(shared.timeout, Duration::from_secs(5));
         assert_eq!(shared.upload_queue, 1024);
+        assert_eq!(shared.max_age, None);
         assert!(parse(MINIMAL).unwrap().cache.shared.is_none());
+        let c = parse(&with_shared(S3, "    max_age: 30d\n")).unwrap();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(c.cache.shared.unwrap().max_age, Some(30 * day));
     }
 
     #[test]

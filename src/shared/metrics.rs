@@ -34,12 +34,12 @@ impl TierMetrics {
         let buckets = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
+        let opts = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(buckets.clone());
         let latency = HistogramVec::new(
-            HistogramOpts::new(
+            opts(
                 "dockside_shared_request_seconds",
                 "Time until the shared tier answered a request, by operation.",
-            )
-            .buckets(buckets),
+            ),
             &["op"],
         )
         .expect("valid metric");

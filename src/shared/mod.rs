@@ -22,6 +22,7 @@
 pub mod credentials;
 pub mod metrics;
 pub mod origin;
+mod sweep;
 mod upload;
 
 #[cfg(test)]
@@ -120,6 +121,8 @@ pub struct S3Tier {
     retry_limit: usize,
     /// How often the write-behind thread probes a tier that failed.
     cooldown: Duration,
+    /// `max_age`: the thread deletes what is older (see [`sweep`]).
+    max_age: Option<Duration>,
     /// Digests whose tier copy did not match: never read from the tier again until written
     /// anew, even if its removal failed.
     bad: moka::sync::Cache<Digest, ()>,
@@ -161,6 +164,7 @@ impl S3Tier {
             retry: Mutex::default(),
             retry_limit: config.upload_queue,
             cooldown: config.circuit.cooldown,
+            max_age: config.max_age,
             bad: moka::sync::Cache::new(PRESENT_MEMORY),
             present: moka::sync::Cache::new(PRESENT_MEMORY),
         })

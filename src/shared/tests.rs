@@ -29,6 +29,7 @@ fn config(prefix: &str) -> SharedConfig {
             cooldown: Duration::from_secs(30),
         },
         upload_queue: 16,
+        max_age: None,
     }
 }
 
@@ -223,5 +224,34 @@ async fn a_rejected_blob_is_not_read_again_until_the_right_bytes_are_written_ove
     assert!(
         origin.fetch(&digest, 0).await.is_ok(),
         "read again once written anew"
+    );
+}
+
+#[tokio::test]
+async fn the_sweep_removes_what_was_written_before_max_age_and_keeps_the_rest() {
+    let store = Arc::new(InMemory::new());
+    let tier = tier(&store);
+    let blob = Path::from(format!("cache/blobs/sha256/{}", Digest::of(b"x").hex()));
+    let tag = Path::from("cache/tags/docker.io/library/a/_tags/1/7");
+    let outside = Path::from("elsewhere/keep");
+    for path in [&blob, &tag, &outside] {
+        store
+            .put(path, Bytes::from_static(b"x").into())
+            .await
+            .unwrap();
+    }
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    assert_eq!(
+        sweep::sweep(&tier, day, now).await,
+        0,
+        "nothing is a day old"
+    );
+    assert_eq!(sweep::sweep(&tier, day, now + 2 * day).await, 2);
+    assert_eq!(keys(&store).await, vec!["elsewhere/keep".to_string()]);
+    assert_eq!(sweep::interval(day), Duration::from_secs(3600));
+    assert_eq!(
+        sweep::interval(Duration::from_secs(10)),
+        Duration::from_secs(60)
     );
 }

@@ -6,6 +6,7 @@
 //! completion), and the staging key is deleted: two writers never clobber each other's object.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use object_store::path::Path;
@@ -14,7 +15,7 @@ use object_store::{PutPayload, WriteMultipart};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
-use super::{Job, S3Tier, TierError};
+use super::{Job, S3Tier, TierError, sweep};
 use crate::oci::Digest;
 use crate::store::{BlobStore, Object};
 
@@ -34,8 +35,14 @@ pub(super) async fn run(
     let slots = Arc::new(Semaphore::new(UPLOADS_AT_ONCE));
     let mut probe = tokio::time::interval(tier.cooldown);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let max_age = tier.max_age.unwrap_or(Duration::MAX);
+    let mut sweeps = tokio::time::interval(sweep::interval(max_age));
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            _ = sweeps.tick(), if tier.max_age.is_some() => {
+                sweep::sweep(&tier, max_age, SystemTime::now()).await;
+            }
             job = queue.recv() => match job {
                 None => return,
                 // Done before the next job is taken: an upload queued after it finds it gone.
