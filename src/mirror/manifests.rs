@@ -214,10 +214,7 @@ impl Mirror {
                 .map(|m| (m, Outcome::Hit))
                 .ok_or_else(|| ApiError::offline(&upstream.name, manifest_unknown(&key)));
         }
-        let mut known = self.tags.get(&key);
-        if known.is_none() && self.tags_from_tier(&key).await {
-            known = self.tags.get(&key);
-        }
+        let known = self.tags.get(&key);
         if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {
             if let Some(m) = self.cached_manifest(&entry.digest).await {
                 return Ok((m, Outcome::Hit));
@@ -230,6 +227,17 @@ impl Mirror {
         let (result, joined) = self
             .tag_flights
             .run(key, move || async move {
+                // A tag this replica never answered: the shared tier's answer, if fresh, is
+                // as good as the owner's (it saved it with the freshness it had).
+                let known = match known {
+                    None => this.tags_from_tier(&k).await,
+                    known => known,
+                };
+                if let Some(entry) = known.as_ref().filter(|e| e.is_fresh()) {
+                    if let Some(m) = this.cached_manifest(&entry.digest).await {
+                        return Ok((m, Outcome::Hit));
+                    }
+                }
                 if let Some(found) = this.tag_from_peers(&up, &k, &via).await {
                     return found;
                 }
@@ -320,20 +328,18 @@ impl Mirror {
     }
 
     /// The shared tier's answers for a tag this replica has none for, into the tag cache
-    /// (with the freshness they were saved with). Whether it had any.
-    async fn tags_from_tier(&self, key: &TagKey) -> bool {
-        let Some(tier) = &self.shared else {
-            return false;
-        };
+    /// (with the freshness they were saved with); the one for this key's Accept set.
+    async fn tags_from_tier(&self, key: &TagKey) -> Option<TagEntry> {
+        let tier = self.shared.as_ref()?;
         let answers = tier.tag_answers(&key.upstream, &key.name, &key.tag).await;
-        for (accept, answer) in &answers {
+        for (accept, answer) in answers {
             let key = TagKey {
-                accept: *accept,
+                accept,
                 ..key.clone()
             };
-            self.tags.insert_saved(key, answer.clone());
+            self.tags.insert_saved(key, answer);
         }
-        !answers.is_empty()
+        self.tags.get(key)
     }
 
     pub(super) async fn serve_stale(

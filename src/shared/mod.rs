@@ -213,12 +213,23 @@ impl S3Tier {
         op: &'static str,
         request: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, TierError> {
+        self.call_within(op, self.timeout, request).await
+    }
+
+    /// [`S3Tier::call`] with a time-out of its own, for requests whose work grows with the
+    /// object (a server-side copy).
+    async fn call_within<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, TierError> {
         if !self.admit() {
             self.metrics.request(op, "skipped", None);
             return Err(TierError::Skipped);
         }
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, request).await {
+        let result = match tokio::time::timeout(timeout, request).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(object_store::Error::NotFound { .. })) => Err(TierError::NotFound),
             Ok(Err(
@@ -226,7 +237,7 @@ impl S3Tier {
                 | object_store::Error::Precondition { .. },
             )) => Err(TierError::Exists),
             Ok(Err(e)) => Err(TierError::Failed(e.to_string())),
-            Err(_) => Err(TierError::Timeout(self.timeout)),
+            Err(_) => Err(TierError::Timeout(timeout)),
         };
         let outcome = match &result {
             Ok(_) => "ok",

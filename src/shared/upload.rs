@@ -26,6 +26,9 @@ const PART: usize = 8 * 1024 * 1024;
 /// Parts in flight per upload, and uploads at once.
 const PARTS_IN_FLIGHT: usize = 2;
 const UPLOADS_AT_ONCE: usize = 2;
+/// The slowest server-side copy allowed for, in bytes per second (a copy's time-out grows with
+/// the object at this rate).
+const COPY_RATE: u64 = 10 * 1024 * 1024;
 
 pub(super) async fn run(
     tier: Arc<S3Tier>,
@@ -209,9 +212,10 @@ async fn put_parts(
         },
         ..Default::default()
     };
-    let copied = tier
-        .call("copy", tier.store.copy_opts(&staging, path, options))
-        .await;
+    // The store copies at its own pace: allow the request time for the bytes as well.
+    let copy_time = tier.timeout + Duration::from_secs(obj.len / COPY_RATE);
+    let copy = tier.store.copy_opts(&staging, path, options);
+    let copied = tier.call_within("copy", copy_time, copy).await;
     let _ = tier.call("delete", tier.store.delete(&staging)).await;
     copied
 }
