@@ -44,7 +44,7 @@ pub use limits::Limits;
 pub use password::Credentials;
 pub use tls::TlsConfig;
 pub use upstreams::{Circuit, Timeouts, UpstreamConfig};
-pub use values::Secret;
+pub use values::{Secret, human_bytes};
 
 use error::Check;
 use raw::{RawConfig, RawUpstream};
