@@ -26,6 +26,7 @@ pub mod preflight;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod singleflight;
+pub mod status;
 pub mod store;
 pub mod tags;
 pub mod tls;
