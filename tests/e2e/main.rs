@@ -19,4 +19,5 @@ mod pull;
 mod real_clients;
 mod robustness;
 mod routing;
+mod status_page;
 mod tls;
