@@ -1,7 +1,10 @@
 //! The admin endpoints on `admin_listen`: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers), `/readyz` (not shutting down, and the cache directory is writable), and the JSON cache API under `/api/`
-//! (list what is cached, purge it). The admin listener has no authentication: bind it to
-//! loopback or a private network.
+//! (list what is cached, purge it), and the status page at `/` (and `/status`, see
+//! [`crate::status`]). The admin listener has no authentication of its own: bind it to
+//! loopback or a private network. The status page alone asks for the registry's credentials
+//! when `client_auth` is set, since it is the endpoint meant to be opened in a browser and it
+//! names the repositories clients pull.
 
 use std::sync::Arc;
 
@@ -17,6 +20,7 @@ use crate::error::AdminError;
 use crate::inventory;
 use crate::mirror::{Mirror, PurgeTarget};
 use crate::oci::{Digest, ImageRef, RepoName, Tag};
+use crate::status::{page, view};
 
 pub struct AdminApp {
     mirror: Arc<Mirror>,
@@ -69,6 +73,13 @@ impl ServeHttp for AdminApp {
             let (status, body) = self.api(&method, &path, &query, &body).await;
             return respond(status, "application/json", body);
         }
+        if matches!(path.as_str(), "/" | "/status") {
+            let authorization = header.headers.get("authorization");
+            let authorization = authorization
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return self.status_page(authorization.as_deref()).await;
+        }
         let (status, content_type, body) = match path.as_str() {
             "/metrics" => (
                 StatusCode::OK,
@@ -83,6 +94,42 @@ impl ServeHttp for AdminApp {
             _ => text_error(AdminError::NotFound("not found".into())),
         };
         respond(status, content_type, body)
+    }
+}
+
+impl AdminApp {
+    /// The status page; with `client_auth`, only for a client whose credentials pass.
+    async fn status_page(&self, authorization: Option<&str>) -> Response<Vec<u8>> {
+        if let Some(auth) = self.mirror.client_auth() {
+            if let Err(e) = auth.authenticate(authorization).await {
+                let headers = e.headers();
+                let (status, content_type, body) = text_error(AdminError::Api(e));
+                let mut resp = respond(status, content_type, body);
+                for (name, value) in headers {
+                    resp.headers_mut()
+                        .insert(name, value.parse().expect("a valid challenge"));
+                }
+                return resp;
+            }
+        }
+        let m = &self.mirror;
+        let sources = view::Sources {
+            metrics: m.metrics(),
+            budget: m.budget().as_ref(),
+            fills: m.fills(),
+            cluster: m.cluster().map(|c| c.as_ref()),
+            recorder: m.status(),
+        };
+        let html = page::render(&view::View::gather(&sources));
+        let mut resp = respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            html.into_bytes(),
+        );
+        // Figures of this moment: never from a cache.
+        resp.headers_mut()
+            .insert("Cache-Control", http::HeaderValue::from_static("no-store"));
+        resp
     }
 }
 
@@ -299,5 +346,46 @@ mod tests {
         assert_eq!(app.ready().await, Ok(()));
         app.mirror.set_stopping();
         assert_eq!(app.ready().await, Err("shutting down".to_string()));
+    }
+
+    fn app_with(dir: &std::path::Path, extra: &str) -> AdminApp {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\ncache: {{ dir: {:?}, max_size: 1MiB }}\n\
+             upstreams: [{{ name: docker.io, url: 'http://127.0.0.1:1' }}]\n{extra}",
+            dir.join("cache")
+        );
+        let config = Config::from_yaml(&yaml, "test").unwrap();
+        AdminApp::new(Mirror::new(&config, Arc::new(Metrics::new())).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_status_page_asks_for_client_auth_credentials_when_it_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
+        let auth = format!("client_auth: {{ tokens: [{{ name: ci, token_file: {token:?} }}] }}\n");
+        let app = app_with(dir.path(), &auth);
+        for wrong in [None, Some("Bearer wrong-token-0123456789")] {
+            let resp = app.status_page(wrong).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
+            let challenge = resp.headers().get("www-authenticate").unwrap();
+            assert_eq!(challenge, r#"Basic realm="dockside""#);
+            assert!(!String::from_utf8_lossy(resp.body()).contains("<html"));
+        }
+        let resp = app
+            .status_page(Some("Bearer s3cret-token-0123456789"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(String::from_utf8_lossy(resp.body()).contains("dockside status"));
+    }
+
+    #[tokio::test]
+    async fn without_client_auth_the_status_page_is_open_like_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let resp = app_with(dir.path(), "").status_page(None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let content_type = resp.headers().get("content-type").unwrap();
+        assert_eq!(content_type, "text/html; charset=utf-8");
+        assert_eq!(resp.headers().get("cache-control").unwrap(), "no-store");
     }
 }

@@ -28,6 +28,7 @@ pub mod preflight;
 pub mod server;
 pub mod shared;
 pub mod singleflight;
+pub mod status;
 pub mod store;
 pub mod tags;
 pub mod tls;

@@ -23,7 +23,8 @@ use crate::config::Config;
 use crate::limits::{Connections, Deadlines};
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
-use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror};
+use crate::mirror::{ApiRequest, ApiResponse, Body, Mirror, Outcome};
+use crate::status::{RecentError, Recorder};
 use crate::store::Storage;
 use crate::tags::TagCache;
 use crate::tls::{Reload, ReloadingCert};
@@ -59,7 +60,23 @@ impl ProxyHttp for RegistryService {
             response.outcome,
             response.error.clone(),
         );
-        let sent = write_response(session, response, self.mirror.metrics()).await;
+        let failure = client_error(&request, &response);
+        let repository = response.repository.clone();
+        let recorder = self.mirror.status();
+        let sent = write_response(session, response, self.mirror.metrics(), recorder).await;
+        match (failure, &sent) {
+            (Some(failure), _) => recorder.error(failure),
+            (None, Err(e)) if e.etype == ErrorType::InternalError => {
+                let (upstream, repository) = (upstream.as_deref(), repository.as_ref());
+                recorder.error(aborted(
+                    status.as_u16(),
+                    upstream,
+                    repository,
+                    e.to_string(),
+                ));
+            }
+            _ => {}
+        }
         let upstream = upstream.as_deref().unwrap_or("-");
         // Whole microseconds, so the log shows `0.197`, not `0.19750500000000001`.
         let elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0;
@@ -109,12 +126,50 @@ fn api_request(header: &pingora::http::RequestHeader) -> ApiRequest {
     }
 }
 
+/// The error a client got, for the status page: an error answer, except a 401 challenge to a
+/// request that sent no credentials (the first step of every authenticated pull, not a
+/// failure) and a member's probe for what this replica does not hold.
+fn client_error(request: &ApiRequest, response: &ApiResponse) -> Option<RecentError> {
+    let message = response.error.clone()?;
+    let challenge =
+        response.status == http::StatusCode::UNAUTHORIZED && request.authorization.is_none();
+    if challenge || response.outcome == Outcome::NotHeld {
+        return None;
+    }
+    Some(RecentError {
+        at: std::time::SystemTime::now(),
+        status: response.status.as_u16(),
+        code: response.code.unwrap_or("UNKNOWN").to_string(),
+        upstream: response.upstream.as_deref().map(str::to_string),
+        repository: response.repository.as_ref().map(|r| r.to_string()),
+        message,
+    })
+}
+
+/// A body that failed after its headers went out (a fill that failed mid-stream).
+fn aborted(
+    status: u16,
+    upstream: Option<&str>,
+    repository: Option<&crate::oci::RepoName>,
+    message: String,
+) -> RecentError {
+    RecentError {
+        at: std::time::SystemTime::now(),
+        status,
+        code: "ABORTED".into(),
+        upstream: upstream.map(str::to_string),
+        repository: repository.map(|r| r.to_string()),
+        message,
+    }
+}
+
 /// Write the response; returns the body bytes sent. An error mid-body (a failed fill) is
 /// returned so pingora drops the connection: the client must not take a short body as whole.
 async fn write_response(
     session: &mut Session,
     response: ApiResponse,
     metrics: &Metrics,
+    recorder: &Recorder,
 ) -> Result<u64> {
     let mut header = ResponseHeader::build(response.status, Some(response.headers.len()))?;
     for (name, value) in &response.headers {
@@ -126,6 +181,9 @@ async fn write_response(
                 .served_bytes
                 .with_label_values(&[upstream, response.kind, response.outcome.source()])
                 .inc_by(n);
+            if let Some(repository) = &response.repository {
+                recorder.served(upstream, repository.as_str(), n);
+            }
         }
     };
     match response.body {
@@ -249,6 +307,7 @@ pub fn run(
         }
     };
     mirror.start_maintenance();
+    mirror.status().start_sampling(mirror.metrics().clone());
     mirror.start_cluster()?;
     // Before bootstrap: an upgrade must fail while the old server still holds the listeners.
     let tls = match &config.tls {

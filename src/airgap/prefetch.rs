@@ -495,21 +495,8 @@ fn blob_sizes(body: &[u8]) -> Vec<(Digest, u64)> {
         .collect()
 }
 
-/// `1.5 MiB`, for operators.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+/// Sizes for operators, as the status page writes them too.
+pub use crate::config::human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -46,7 +46,7 @@ pub use password::Credentials;
 pub use shared::{S3Config, SharedConfig};
 pub use tls::TlsConfig;
 pub use upstreams::{Circuit, Timeouts, UpstreamConfig};
-pub use values::Secret;
+pub use values::{Secret, human_bytes};
 
 use error::Check;
 use raw::{RawConfig, RawUpstream};

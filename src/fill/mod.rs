@@ -18,6 +18,7 @@
 //! The fill knows neither what kind of origin it reads nor what kind of store it writes.
 
 mod body;
+mod snapshot;
 mod window;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub use body::BlobBody;
+pub use snapshot::FillProgress;
 use window::FillData;
 pub use window::FillReader;
 
@@ -94,6 +96,8 @@ impl FillError {
 struct InFlight {
     data: Arc<FillData>,
     progress: watch::Receiver<FillState>,
+    /// For [`Fills::in_flight`].
+    origin: OriginName,
 }
 
 /// Where a blob's bytes come from.
@@ -174,6 +178,7 @@ impl Fills {
             let entry = InFlight {
                 data: data.clone(),
                 progress: progress.clone(),
+                origin: origin.name().clone(),
             };
             inflight.insert(digest.clone(), entry);
             drop(inflight);

@@ -255,6 +255,19 @@ struct Gated {
     go: Arc<Notify>,
 }
 
+impl Gated {
+    /// An origin of `data` held until the returned gate is notified.
+    fn over(data: &Bytes) -> (Arc<Gated>, Arc<Notify>) {
+        let go = Arc::new(Notify::new());
+        let inner = FixedOrigin::new("fixed", data.clone(), 64 * 1024, Fault::None);
+        let gated = Gated {
+            inner,
+            go: go.clone(),
+        };
+        (Arc::new(gated), go)
+    }
+}
+
 #[async_trait]
 impl Origin for Gated {
     fn name(&self) -> &OriginName {
@@ -318,11 +331,7 @@ async fn a_write_error_turns_the_fill_into_a_verified_pass_through() {
     let fills = fills_over(&Storage::of(store.clone()), &metrics);
     let data = pattern(12 << 20, 251);
     let digest = Digest::of(&data);
-    let go = Arc::new(Notify::new());
-    let origin = Arc::new(Gated {
-        inner: FixedOrigin::new("fixed", data.clone(), 64 * 1024, Fault::None),
-        go: go.clone(),
-    });
+    let (origin, go) = Gated::over(&data);
 
     // Two clients on one fill; the disk fills up 1 MiB in, and more than WINDOW remains.
     let first = fills.get(&digest, origin.clone()).await.unwrap();
@@ -511,5 +520,38 @@ async fn a_blob_of_unknown_length_never_takes_the_cache_past_its_budget() {
         errors.get(),
         0,
         "outgrowing the budget is not a write error"
+    );
+}
+
+/// The status page's view: a fill in flight with its readers, gone once it has committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_lists_each_fill_with_its_progress_and_readers() {
+    let storage = Storage::of(Arc::new(MemoryStore::new(1 << 30)));
+    let metrics = Arc::new(Metrics::new());
+    let fills = fills_over(&storage, &metrics);
+    let data = pattern(300_000, 253);
+    let digest = Digest::of(&data);
+    let (origin, go) = Gated::over(&data);
+    let first = fills.get(&digest, origin.clone()).await.unwrap();
+    let second = fills.get(&digest, origin.clone()).await.unwrap();
+    let third = fills.get(&digest, origin.clone()).await.unwrap();
+    drop(third);
+    let listed = fills.in_flight(10);
+    assert_eq!(listed.len(), 1);
+    let fill = &listed[0];
+    assert_eq!((&fill.digest, &*fill.origin.name), (&digest, "fixed"));
+    assert_eq!(
+        (fill.received, fill.len, fill.readers),
+        (0, None, 2),
+        "before the first byte"
+    );
+    assert!(fills.in_flight(0).is_empty(), "limited");
+    go.notify_one();
+    let (a, b) = tokio::join!(read_all(first), read_all(second));
+    assert!(a.unwrap() == data && b.unwrap() == data);
+    fills.settled(&digest).await;
+    assert!(
+        fills.in_flight(10).is_empty(),
+        "a committed fill is still listed"
     );
 }

@@ -40,6 +40,7 @@ use crate::oci::route::{self, Route, Target};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::shared::{S3Tier, Tier};
 use crate::singleflight::SingleFlight;
+use crate::status::Recorder;
 use crate::store::{BlobStore, Budget, DiskStore, Storage};
 use crate::tags::{TagCache, TagKey};
 use crate::upstream::Upstreams;
@@ -73,6 +74,8 @@ pub struct Mirror {
     /// `cache.shared`: the slow tier under the store, read before any origin, written behind.
     shared: Option<Arc<dyn Tier>>,
     metrics: Arc<Metrics>,
+    /// What the status page shows beyond the counters.
+    status: Arc<Recorder>,
 }
 
 impl Mirror {
@@ -162,6 +165,7 @@ impl Mirror {
             manifest_flights: SingleFlight::new(),
             tag_flights: SingleFlight::new(),
             metrics,
+            status: Arc::new(Recorder::new()),
         };
         let mirror = Arc::new(mirror);
         on_own_runtime(mirror.refresh_pins());
@@ -201,6 +205,15 @@ impl Mirror {
 
     pub fn budget(&self) -> &Arc<dyn Budget> {
         &self.budget
+    }
+
+    pub fn status(&self) -> &Arc<Recorder> {
+        &self.status
+    }
+
+    /// `client_auth`, for the admin status page.
+    pub fn client_auth(&self) -> Option<&ClientAuth> {
+        self.client_auth.as_ref()
     }
 
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
@@ -357,6 +370,7 @@ impl Mirror {
         };
         let mut resp = result.unwrap_or_else(|e| ApiResponse::error(&e));
         resp.upstream = Some(upstream.name.clone());
+        resp.repository = Some(name);
         resp.kind = kind;
         resp
     }

@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use crate::cluster::PeerClaim;
 use crate::error::ApiError;
 use crate::fill::BlobBody;
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoName};
 
 /// A request as the mirror needs it.
 pub struct ApiRequest {
@@ -74,10 +74,14 @@ pub struct ApiResponse {
     pub headers: Vec<(&'static str, String)>,
     pub body: Body,
     pub upstream: Option<Arc<str>>,
+    /// The repository as the upstream names it, once resolved.
+    pub repository: Option<RepoName>,
     pub kind: &'static str,
     pub outcome: Outcome,
     /// For error answers: why, for the request log.
     pub error: Option<String>,
+    /// For error answers: the OCI error code.
+    pub code: Option<&'static str>,
 }
 
 impl ApiResponse {
@@ -89,9 +93,11 @@ impl ApiResponse {
             headers,
             body: Body::Full(err.body()),
             upstream: None,
+            repository: None,
             kind: "invalid",
             outcome: Outcome::Error,
             error: Some(err.to_string()),
+            code: Some(err.code()),
         }
     }
 
@@ -101,9 +107,11 @@ impl ApiResponse {
             headers: Vec::new(),
             body: Body::Empty,
             upstream: None,
+            repository: None,
             kind: "invalid",
             outcome,
             error: None,
+            code: None,
         }
     }
 }

@@ -20,4 +20,5 @@ mod real_clients;
 mod robustness;
 mod routing;
 mod shared_tier;
+mod status_page;
 mod tls;

@@ -145,6 +145,7 @@ fn the_package_list_names_a_package_for_every_program_the_suite_runs() {
         "curl",
         "python3",
         "promtool",
+        "chromium",
     ] {
         assert!(
             list.iter()
