@@ -43,9 +43,10 @@ pub enum ApiError {
     },
     #[error("upstream {upstream} sent a manifest larger than {limit} bytes")]
     ManifestTooLarge { upstream: String, limit: u64 },
-    #[error("upstream {upstream} sent content that does not match {expected} (got {actual})")]
+    /// `origin` names its kind: `upstream docker.io`, `peer 10.0.0.2:5000`, `shared s3://…`.
+    #[error("{origin} sent content that does not match {expected} (got {actual})")]
     DigestMismatch {
-        upstream: String,
+        origin: String,
         expected: String,
         actual: String,
     },
@@ -199,7 +200,7 @@ impl ApiError {
                 expected,
                 actual,
             } => ApiError::DigestMismatch {
-                upstream: origin.name.to_string(),
+                origin: origin.to_string(),
                 expected: expected.to_string(),
                 actual: actual.to_string(),
             },
@@ -227,7 +228,7 @@ impl ApiError {
                 limit: *limit,
             },
             UpstreamErrorKind::DigestMismatch { expected, actual } => ApiError::DigestMismatch {
-                upstream,
+                origin: format!("upstream {upstream}"),
                 expected: expected.to_string(),
                 actual: actual.to_string(),
             },

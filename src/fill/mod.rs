@@ -175,6 +175,9 @@ impl Fills {
             let data = Arc::new(FillData::new());
             let reader = data.join().expect("a new fill takes readers");
             let (tx, progress) = watch::channel(FillState::Starting);
+            // Made under the lock, so no second fill can start meanwhile; it is a few
+            // allocations (a chain of origins, a ranking of members).
+            let origin = origin.take().expect("a fill starts once")();
             let entry = InFlight {
                 data: data.clone(),
                 progress: progress.clone(),
@@ -182,7 +185,6 @@ impl Fills {
             };
             inflight.insert(digest.clone(), entry);
             drop(inflight);
-            let origin = origin.take().expect("a fill starts once")();
             let fill = Arc::new(Fill {
                 digest: digest.clone(),
                 origin,

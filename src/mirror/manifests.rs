@@ -148,7 +148,7 @@ impl Mirror {
                 .inc();
             warn!(upstream = %upstream.name, %name, %reference, %expected, actual = %digest, "manifest digest mismatch; not cached");
             return Err(ApiError::DigestMismatch {
-                upstream: upstream.name.to_string(),
+                origin: format!("upstream {}", upstream.name),
                 expected: expected.to_string(),
                 actual: digest.to_string(),
             });
