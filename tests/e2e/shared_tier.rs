@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::cluster::{expected, pull, runtime, sha};
+use crate::support::cluster::Cluster;
 use crate::support::dockside::{Config, Dockside, Upstream};
 use crate::support::fault_proxy::{FaultProxy, Mode};
 use crate::support::http;
@@ -196,4 +197,66 @@ fn with_the_tier_down_pulls_come_from_upstream_and_its_writes_resume_when_it_is_
     let got = runtime().block_on(pull(http::client(), d.url(), "library/second", &second));
     assert_eq!(got, expected("library/second", &second));
     wait_for_keys(&s3, &object_keys(&second));
+}
+
+#[test]
+fn a_cluster_on_the_tier_writes_each_object_once_and_a_new_cluster_fills_from_it_alone() {
+    let _heavy = serial::heavy();
+    let s3 = S3::start();
+    let reg = Registry::start(Auth::None);
+    let index = Index::generate(814, &[2 << 20, 1 << 20, 10_000], Format::Oci, &["amd64"]);
+    skopeo::push(&reg, "library/clustered", "v1", &index);
+    let cfg = tiered(&reg, &s3.url());
+    let want = expected("library/clustered", &index);
+    let keys = object_keys(&index);
+
+    let first = Cluster::start(&cfg, 2);
+    for member in &first.members {
+        let got = runtime().block_on(pull(
+            http::client(),
+            member.url(),
+            "library/clustered",
+            &index,
+        ));
+        assert_eq!(got, want, "through {}", member.host());
+    }
+    // Written behind once for the cluster: by whichever member fetched it from upstream, not
+    // by the one that streamed it from its owner.
+    let uploaded =
+        |c: &Cluster| c.metric_sum("dockside_shared_uploads_total{outcome=\"uploaded\"}");
+    wait_for("every object written behind", WRITE_BEHIND, || {
+        (uploaded(&first) >= keys.len() as f64).then_some(())
+    });
+    wait_for_keys(&s3, &keys);
+    // Every outcome counted: a member that tried to write what another wrote would count a
+    // `present` (or more) on top.
+    let tried: f64 = first
+        .members
+        .iter()
+        .map(|m| metric_total(m, "dockside_shared_uploads_total"))
+        .sum();
+    assert_eq!(
+        (uploaded(&first), tried),
+        (keys.len() as f64, keys.len() as f64),
+        "each object written once, and no other write tried"
+    );
+    drop(first);
+    drop(reg);
+
+    // A new cluster, every disk empty and the upstream gone.
+    let second = Cluster::start(&cfg, 2);
+    let member = &second.members[1];
+    let got = runtime().block_on(pull(
+        http::client(),
+        member.url(),
+        "library/clustered",
+        &index,
+    ));
+    assert_eq!(got, want, "through a member of the new cluster");
+    let asked: f64 = second
+        .members
+        .iter()
+        .map(|m| metric_total(m, "dockside_upstream_requests_total"))
+        .sum();
+    assert_eq!(asked, 0.0, "the new cluster asked the upstream for nothing");
 }
