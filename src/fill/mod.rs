@@ -31,22 +31,20 @@ use tracing::{info, warn};
 
 pub use body::BlobBody;
 pub use snapshot::FillProgress;
-use window::FillData;
 pub use window::FillReader;
+use window::{FillData, WINDOW};
 
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::origin::{Origin, OriginBody, OriginError, OriginErrorKind, OriginName};
 use crate::store::{BlobStore, Budget, Ingest, Object, StoreError, Verified};
 
-/// The most origin bytes gathered into one batch (one window entry, one store write). Small
-/// enough that the batches readers hold on to while their sockets drain stay few MiB in all.
+/// Small origin chunks are gathered into batches of up to this many bytes (one window entry,
+/// one store write), so a slow origin's trickle costs few writes and wake-ups.
 const BATCH: usize = 256 * 1024;
-/// The most bytes the writer hashes and writes in one go.
-const WRITE_GATHER: usize = 1024 * 1024;
-/// The most bytes a fill holds in memory: received and not yet written, or (in pass-through)
-/// not yet sent to every reader.
-const WINDOW: u64 = 8 * 1024 * 1024;
+/// A chunk at least this large is a batch as it is: gathering it would cost a copy of every
+/// byte for no fewer writes (a fast origin's chunks are a few hundred KiB).
+const WHOLE_CHUNK: usize = 64 * 1024;
 /// How many times one fill resumes a broken body before giving up.
 const MAX_RESUMES: u32 = 3;
 
@@ -426,29 +424,51 @@ impl Fill {
         to_writer: &mpsc::UnboundedSender<Bytes>,
     ) -> Result<(), OriginError> {
         let mut batch = BytesMut::new();
-        let mut broken = None;
-        let mut ended = false;
-        while !ended && broken.is_none() {
-            match body.next().await {
-                Some(Ok(chunk)) => batch.extend_from_slice(&chunk),
-                Some(Err(e)) => broken = Some(e),
-                None => ended = true,
-            }
-            // Take whatever else has already arrived: a fast origin makes few large batches,
-            // while a slow one still reaches readers chunk by chunk.
-            while !ended && broken.is_none() && batch.len() < BATCH {
+        loop {
+            // With small chunks gathered, take only what has already arrived: a slow origin
+            // still reaches readers chunk by chunk.
+            let next = if batch.is_empty() {
+                body.next().await
+            } else {
                 match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => batch.extend_from_slice(&chunk),
-                    Some(Some(Err(e))) => broken = Some(e),
-                    Some(None) => ended = true,
-                    None => break,
+                    Some(next) => next,
+                    None => {
+                        self.flush(&mut batch, len, to_writer).await?;
+                        continue;
+                    }
                 }
-            }
-            if !batch.is_empty() {
-                self.push(batch.split().freeze(), len, to_writer).await?;
+            };
+            match next {
+                Some(Ok(chunk)) if chunk.len() >= WHOLE_CHUNK => {
+                    self.flush(&mut batch, len, to_writer).await?;
+                    self.push(chunk, len, to_writer).await?;
+                }
+                Some(Ok(chunk)) => {
+                    batch.extend_from_slice(&chunk);
+                    if batch.len() >= BATCH {
+                        self.flush(&mut batch, len, to_writer).await?;
+                    }
+                }
+                Some(Err(e)) => {
+                    self.flush(&mut batch, len, to_writer).await?;
+                    return Err(e);
+                }
+                None => return self.flush(&mut batch, len, to_writer).await,
             }
         }
-        broken.map_or(Ok(()), Err)
+    }
+
+    /// Push what `batch` has gathered, if anything.
+    async fn flush(
+        &self,
+        batch: &mut BytesMut,
+        len: Option<u64>,
+        to_writer: &mpsc::UnboundedSender<Bytes>,
+    ) -> Result<(), OriginError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.push(batch.split().freeze(), len, to_writer).await
     }
 
     /// Hand a batch to the readers and the writer, once the window has room for it.
@@ -493,7 +513,8 @@ impl Fill {
             {
                 let mut tail = self.data.tail();
                 tail.trim();
-                if tail.held() == 0 || tail.held() + n <= WINDOW {
+                let pending = tail.pending();
+                if pending == 0 || pending + n <= WINDOW {
                     return;
                 }
             }
@@ -501,10 +522,8 @@ impl Fill {
         }
     }
 
-    /// The writer: on a blocking thread, hash and write every batch in order. Batches that
-    /// queued up while it was busy are gathered into one write of up to [`WRITE_GATHER`] bytes,
-    /// so a fast origin costs few writes and wake-ups. A write error turns the fill into a
-    /// pass-through; the writer then only hashes.
+    /// The writer: on a blocking thread, hash and write every batch in order, as it came (no
+    /// copy). A write error turns the fill into a pass-through; the writer then only hashes.
     fn writer(
         self: &Arc<Self>,
         mut ingest: Ingest,
@@ -512,11 +531,9 @@ impl Fill {
     ) -> tokio::task::JoinHandle<Ingest> {
         let fill = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut gathered = Vec::new();
-            while let Some(first) = batches.blocking_recv() {
-                let bytes = gather(&first, &mut batches, &mut gathered);
+            while let Some(bytes) = batches.blocking_recv() {
                 let was_kept = !ingest.is_discarded();
-                if let Err(e) = ingest.write(bytes) {
+                if let Err(e) = ingest.write(&bytes) {
                     if was_kept {
                         fill.give_up_file(&mut ingest, &e);
                     }
@@ -546,28 +563,6 @@ impl Fill {
         warn!(%digest, %origin, error = %err,
             "cache write failed; serving this blob pass-through without keeping it");
     }
-}
-
-/// `first` and whatever other batches are already queued, up to [`WRITE_GATHER`] bytes: as is
-/// when it is alone, else copied together into `buf`.
-fn gather<'a>(
-    first: &'a Bytes,
-    queue: &mut mpsc::UnboundedReceiver<Bytes>,
-    buf: &'a mut Vec<u8>,
-) -> &'a [u8] {
-    let Ok(second) = queue.try_recv() else {
-        return first;
-    };
-    buf.clear();
-    buf.extend_from_slice(first);
-    buf.extend_from_slice(&second);
-    while buf.len() < WRITE_GATHER {
-        match queue.try_recv() {
-            Ok(next) => buf.extend_from_slice(&next),
-            Err(_) => break,
-        }
-    }
-    buf
 }
 
 /// Wait until a fill has its origin's first answer (or failed); returns the blob's length if

@@ -1,6 +1,7 @@
 //! The fill against a second origin ([`FixedOrigin`], with faults) and two stores (disk and
 //! memory), and the window and body on their own.
 
+use super::window::Located;
 use super::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,21 +120,55 @@ async fn received_bytes_are_read_from_memory_before_they_are_written() {
     assert!(pending(&mut body).await);
 }
 
-#[test]
-fn the_writer_gathers_queued_batches_and_takes_a_lone_one_as_is() {
-    let (tx, mut queue) = mpsc::unbounded_channel();
-    let mut buf = Vec::new();
-    let lone = Bytes::from_static(b"lone");
-    assert_eq!(gather(&lone, &mut queue, &mut buf).as_ptr(), lone.as_ptr());
-    let big = Bytes::from(vec![7u8; WRITE_GATHER]);
-    for batch in [&b"b"[..], &big, b"left for the next write"] {
-        tx.send(Bytes::copy_from_slice(batch)).unwrap();
+/// A fill with `n` batches of `size` bytes received, hashed and written.
+fn written_batches(n: u64, size: usize) -> Arc<FillData> {
+    let fill = Arc::new(FillData::new());
+    {
+        let mut tail = fill.tail();
+        for i in 0..n {
+            tail.chunks
+                .push_back((i * size as u64, Bytes::from(vec![i as u8; size])));
+        }
+        let total = n * size as u64;
+        (tail.received, tail.written, tail.hashed) = (total, total, total);
     }
-    let first = Bytes::from_static(b"a");
-    let gathered = gather(&first, &mut queue, &mut buf);
-    assert_eq!(gathered.len(), 2 + WRITE_GATHER);
-    assert_eq!(&gathered[..3], b"ab\x07");
-    assert_eq!(&queue.try_recv().unwrap()[..], b"left for the next write");
+    fill
+}
+
+#[test]
+fn written_batches_stay_in_memory_for_a_reader_that_keeps_up() {
+    let fill = written_batches(4, 1024);
+    let reader = fill.join().unwrap();
+    reader.set(1024);
+    let mut tail = fill.tail();
+    tail.trim();
+    assert_eq!(
+        tail.start, 1024,
+        "kept only what the reader has yet to read"
+    );
+    assert!(matches!(tail.locate(1024, 4096), Located::Memory(b) if b[0] == 1));
+    assert_eq!(tail.pending(), 0, "written bytes held the fill back");
+    // What is not written stays, reader or not.
+    (tail.written, tail.hashed) = (3072, 3072);
+    drop(tail);
+    drop(reader);
+    let mut tail = fill.tail();
+    tail.trim();
+    assert_eq!((tail.start, tail.pending()), (3072, 1024));
+}
+
+#[test]
+fn a_reader_far_behind_reads_the_store_rather_than_hold_the_window() {
+    let size = 1024 * 1024;
+    let n = WINDOW / size as u64 + 4;
+    let fill = written_batches(n, size);
+    let _behind = fill.join().unwrap();
+    let mut tail = fill.tail();
+    tail.trim();
+    assert!(tail.received - tail.start <= WINDOW, "held {}", tail.start);
+    assert!(tail.start > 0);
+    assert!(matches!(tail.locate(0, tail.received), Located::Store(_)));
+    assert_eq!(tail.pending(), 0);
 }
 
 #[test]
@@ -166,7 +201,7 @@ fn without_its_file_a_fill_keeps_what_the_slowest_reader_needs() {
     drop(fast);
     fill.tail().trim();
     let tail = fill.tail();
-    assert_eq!((tail.start, tail.held()), (8, 0));
+    assert_eq!((tail.start, tail.pending()), (8, 0));
 }
 
 /// A store whose writes fail with ENOSPC once an object passes `room` bytes: a decorator

@@ -11,6 +11,10 @@ use tokio::sync::Notify;
 
 use crate::store::ObjectReader;
 
+/// The most bytes a fill holds back: received and not yet written, or (in pass-through) not
+/// yet passed by every reader. Also the most written bytes kept in memory for readers.
+pub(super) const WINDOW: u64 = 8 * 1024 * 1024;
+
 pub struct FillData {
     /// Reads of what the store has written, set once the ingest exists (before any byte is
     /// written). It stays valid after a commit or a discard.
@@ -81,24 +85,37 @@ impl FillData {
 }
 
 impl Tail {
-    /// Bytes held in memory.
-    pub fn held(&self) -> u64 {
-        self.received - self.start.min(self.hashed)
+    /// Bytes that hold the fill back: those not yet hashed and written, and in pass-through
+    /// also those a reader still needs from memory. Written bytes kept only so that readers
+    /// that keep up read them from memory do not count: [`Tail::trim`] lets them go.
+    pub fn pending(&self) -> u64 {
+        let behind = if self.passthrough {
+            self.start.min(self.hashed)
+        } else {
+            self.hashed
+        };
+        self.received - behind
     }
 
-    /// Drop the batches no reader can need from memory any more: those in the store, and in
-    /// pass-through also those every reader has passed.
+    /// Drop the batches no reader needs from memory any more. Written batches stay while a
+    /// reader has yet to pass them, so a reader that keeps up with the origin is served from
+    /// memory rather than by reads of what was just written; they go once more than
+    /// [`WINDOW`] is held, and a reader that far behind reads the store. In pass-through a
+    /// batch stays until every reader has passed it.
     pub fn trim(&mut self) {
-        let mut keep_from = self.written;
-        if self.passthrough {
-            self.readers.retain(|r| r.strong_count() > 0);
-            let slowest = self.readers.iter().filter_map(Weak::upgrade);
-            let slowest = slowest.map(|p| p.load(Ordering::Acquire)).min();
-            keep_from = keep_from.max(slowest.unwrap_or(self.received));
-        }
+        self.readers.retain(|r| r.strong_count() > 0);
+        let positions = self.readers.iter().filter_map(Weak::upgrade);
+        let needed_from = positions.map(|p| p.load(Ordering::Acquire)).min();
+        let needed_from = needed_from.unwrap_or(self.received);
         while let Some((off, bytes)) = self.chunks.front() {
             let end = off + bytes.len() as u64;
-            if end > keep_from {
+            let passed = end <= needed_from;
+            let droppable = if self.passthrough {
+                passed
+            } else {
+                end <= self.written && (passed || self.received - self.start > WINDOW)
+            };
+            if !droppable {
                 break;
             }
             self.start = end;
