@@ -314,15 +314,16 @@ def start_registry(st, name, proxy_of=None, storage=None, accesslog=False):
     return srv
 
 
-def start_dockside(st, upstream, cache_dir=None, name="dockside", ready_timeout=120):
+def start_dockside(st, upstream, cache_dir=None, name="dockside", ready_timeout=120,
+                   max_size="200GiB"):
     """The release binary with a fresh (or the given) cache dir; per-request logs off (warn)."""
-    srv = spawn_dockside(st, upstream, cache_dir=cache_dir, name=name)
+    srv = spawn_dockside(st, upstream, cache_dir=cache_dir, name=name, max_size=max_size)
     wait_dockside(srv, ready_timeout)
     return srv
 
 
 def spawn_dockside(st, upstream, cache_dir=None, name="dockside", sockets=None, extra_yaml="",
-                   cache_yaml="", env_extra=None):
+                   cache_yaml="", env_extra=None, max_size="200GiB"):
     """Starts dockside without waiting for it (`wait_dockside`). Its listeners are bound here
     and passed by socket activation; `sockets` = (registry, admin) when the caller bound them
     already (a cluster's members must know each other's ports before any starts).
@@ -334,7 +335,7 @@ def spawn_dockside(st, upstream, cache_dir=None, name="dockside", sockets=None, 
     cache_dir = cache_dir or d / "cache"
     registry, admin = sockets or (listener(), listener())
     port, admin_port = registry.getsockname()[1], admin.getsockname()[1]
-    text = dockside_yaml(port, admin_port, cache_dir, upstream.url)
+    text = dockside_yaml(port, admin_port, cache_dir, upstream.url, max_size)
     text = text.replace("upstreams:\n", cache_yaml + "upstreams:\n", 1) + extra_yaml
     (d / "dockside.yaml").write_text(text)
     env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_DOCKSIDE_LOG", "warn"), NO_COLOR="1")
@@ -352,14 +353,14 @@ def wait_dockside(srv, timeout=120):
     wait_until(f"{srv.name} to answer /v2/", lambda: answers(f"{srv.url}/v2/"), srv, timeout)
 
 
-def dockside_yaml(port, admin_port, cache_dir, upstream_url):
+def dockside_yaml(port, admin_port, cache_dir, upstream_url, max_size="200GiB"):
     """The config every dockside of the benchmark runs with. The addresses are those of the
     sockets it is passed (`serve` listens on those and reads these only for the log)."""
     return (
         f'listen: "127.0.0.1:{port}"\n'
         f'admin_listen: "127.0.0.1:{admin_port}"\n'
         "grace_period: 1s\n"
-        f"cache:\n  dir: {json.dumps(str(cache_dir))}\n  max_size: 200GiB\n  tag_ttl: 1h\n"
+        f"cache:\n  dir: {json.dumps(str(cache_dir))}\n  max_size: {max_size}\n  tag_ttl: 1h\n"
         f"upstreams:\n  - name: {UPSTREAM_NAME}\n    url: {upstream_url}\n"
         f"default_upstream: {UPSTREAM_NAME}\n"
     )

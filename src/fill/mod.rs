@@ -37,7 +37,7 @@ use window::{FillData, WINDOW};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::origin::{Origin, OriginBody, OriginError, OriginErrorKind, OriginName};
-use crate::store::{BlobStore, Budget, Ingest, Object, StoreError, Verified};
+use crate::store::{BlobStore, Budget, Hasher, Ingest, Object, StoreError, Verified};
 
 /// Small origin chunks are gathered into batches of up to this many bytes (one window entry,
 /// one store write), so a slow origin's trickle costs few writes and wake-ups.
@@ -253,10 +253,7 @@ impl Fill {
         metrics.fills_in_flight.inc();
         let started = std::time::Instant::now();
         let verified = match store.ingest(&self.digest).await {
-            Ok(ingest) => self
-                .stream(ingest)
-                .await
-                .and_then(|ingest| self.verify(ingest)),
+            Ok(ingest) => self.stream(ingest).await,
             Err(e) => Err(FillError::Cache(format!("cannot start writing: {e}"))),
         };
         let outcome = if verified.is_ok() {
@@ -268,8 +265,6 @@ impl Fill {
         metrics.fill_finished(o.kind.as_str(), &o.name, outcome, started.elapsed());
         match verified {
             Ok((ingest, proof)) => {
-                self.tx
-                    .send_replace(FillState::Verified { len: proof.len() });
                 self.finish(ingest, proof).await;
                 metrics.record_usage(budget.usage());
             }
@@ -297,9 +292,9 @@ impl Fill {
         metrics.fills_in_flight.dec();
     }
 
-    fn verify(&self, mut ingest: Ingest) -> Result<(Ingest, Verified), FillError> {
-        match ingest.verify() {
-            Ok(proof) => Ok((ingest, proof)),
+    fn verify(&self, hasher: Hasher) -> Result<Verified, FillError> {
+        match hasher.finish() {
+            Ok(proof) => Ok(proof),
             Err(StoreError::DigestMismatch { expected, actual }) => {
                 Err(FillError::DigestMismatch {
                     origin: self.origin().clone(),
@@ -345,9 +340,12 @@ impl Fill {
         info!(%digest, %origin, bytes = len, %reason, "blob served pass-through, not kept");
     }
 
-    /// Fetch the body (resuming it when it breaks) through the writer; returns the ingest with
-    /// everything hashed.
-    async fn stream(self: &Arc<Self>, mut ingest: Ingest) -> Result<Ingest, FillError> {
+    /// Fetch the body (resuming it when it breaks) through the hasher and the writer, two
+    /// threads, so that hashing and writing each take a core rather than one thread doing
+    /// both in turn. Readers are told the bytes are right as soon as the last one is hashed:
+    /// the bytes the writer has yet to write are still in memory, so no client waits for the
+    /// disk. Returns the ingest, with everything written, and its proof.
+    async fn stream(self: &Arc<Self>, mut ingest: Ingest) -> Result<(Ingest, Verified), FillError> {
         match ingest.reader() {
             Some(reader) => {
                 let _ = self.data.file.set(reader);
@@ -355,6 +353,9 @@ impl Fill {
             // The store cannot be read before commit: keep what readers need in memory.
             None => self.data.tail().passthrough = true,
         }
+        let hasher = ingest
+            .take_hasher()
+            .ok_or_else(|| FillError::cache("a new ingest has already hashed"))?;
         let body = self.origin.fetch(&self.digest, 0).await?;
         let len = body.len;
         // Room is made before the first byte lands, so the store never holds more than its
@@ -369,28 +370,33 @@ impl Fill {
                 Err(e) => self.give_up_file(&mut ingest, &e),
             }
         }
-        let (to_writer, batches) = mpsc::unbounded_channel();
-        let writer = self.writer(ingest, batches);
+        let (sinks, to_hasher, to_writer) = Sinks::new();
+        let hasher = self.hasher(hasher, to_hasher);
+        let writer = self.writer(ingest, to_writer);
         self.tx
             .send_replace(FillState::Streaming { len, received: 0 });
-        let streamed = self.receive(body, &to_writer).await;
-        drop(to_writer);
+        let streamed = self.receive(body, &sinks).await;
+        drop(sinks);
+        let hashed = hasher
+            .await
+            .map_err(|e| FillError::Cache(format!("cache hasher: {e}")));
+        let proof = streamed.and(hashed).and_then(|h| self.verify(h));
+        if let Ok(proof) = &proof {
+            self.tx
+                .send_replace(FillState::Verified { len: proof.len() });
+        }
         let ingest = writer
             .await
             .map_err(|e| FillError::Cache(format!("cache writer: {e}")))?;
-        streamed.map(|()| ingest)
+        proof.map(|proof| (ingest, proof))
     }
 
     /// Receive the body into the window, resuming it from the origin when it breaks.
-    async fn receive(
-        &self,
-        mut body: OriginBody,
-        to_writer: &mpsc::UnboundedSender<Bytes>,
-    ) -> Result<(), FillError> {
+    async fn receive(&self, mut body: OriginBody, to: &Sinks) -> Result<(), FillError> {
         let (origin, len) = (self.origin(), body.len);
         let mut resumes = 0;
         loop {
-            let copied = self.copy_body(body.chunks, len, to_writer).await;
+            let copied = self.copy_body(body.chunks, len, to).await;
             let got = self.data.tail().received;
             let err = match (copied, len) {
                 (Ok(()), Some(expected)) if got < expected => {
@@ -421,7 +427,7 @@ impl Fill {
         &self,
         mut body: futures_util::stream::BoxStream<'static, Result<Bytes, OriginError>>,
         len: Option<u64>,
-        to_writer: &mpsc::UnboundedSender<Bytes>,
+        to: &Sinks,
     ) -> Result<(), OriginError> {
         let mut batch = BytesMut::new();
         loop {
@@ -433,27 +439,27 @@ impl Fill {
                 match body.next().now_or_never() {
                     Some(next) => next,
                     None => {
-                        self.flush(&mut batch, len, to_writer).await?;
+                        self.flush(&mut batch, len, to).await?;
                         continue;
                     }
                 }
             };
             match next {
                 Some(Ok(chunk)) if chunk.len() >= WHOLE_CHUNK => {
-                    self.flush(&mut batch, len, to_writer).await?;
-                    self.push(chunk, len, to_writer).await?;
+                    self.flush(&mut batch, len, to).await?;
+                    self.push(chunk, len, to).await?;
                 }
                 Some(Ok(chunk)) => {
                     batch.extend_from_slice(&chunk);
                     if batch.len() >= BATCH {
-                        self.flush(&mut batch, len, to_writer).await?;
+                        self.flush(&mut batch, len, to).await?;
                     }
                 }
                 Some(Err(e)) => {
-                    self.flush(&mut batch, len, to_writer).await?;
+                    self.flush(&mut batch, len, to).await?;
                     return Err(e);
                 }
-                None => return self.flush(&mut batch, len, to_writer).await,
+                None => return self.flush(&mut batch, len, to).await,
             }
         }
     }
@@ -463,21 +469,16 @@ impl Fill {
         &self,
         batch: &mut BytesMut,
         len: Option<u64>,
-        to_writer: &mpsc::UnboundedSender<Bytes>,
+        to: &Sinks,
     ) -> Result<(), OriginError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.push(batch.split().freeze(), len, to_writer).await
+        self.push(batch.split().freeze(), len, to).await
     }
 
     /// Hand a batch to the readers and the writer, once the window has room for it.
-    async fn push(
-        &self,
-        bytes: Bytes,
-        len: Option<u64>,
-        to_writer: &mpsc::UnboundedSender<Bytes>,
-    ) -> Result<(), OriginError> {
+    async fn push(&self, bytes: Bytes, len: Option<u64>, to: &Sinks) -> Result<(), OriginError> {
         let n = bytes.len() as u64;
         self.wait_for_room(n).await;
         let received = {
@@ -495,8 +496,8 @@ impl Fill {
         };
         let o = self.origin();
         self.metrics.origin_received(o.kind.as_str(), &o.name, n);
-        // The writer only ends once this sender is dropped.
-        let _ = to_writer.send(bytes);
+        // The hasher and the writer only end once these senders are dropped.
+        to.send(bytes);
         self.tx.send_modify(|state| {
             if let FillState::Streaming { received: r, .. } = state {
                 *r = received;
@@ -522,29 +523,51 @@ impl Fill {
         }
     }
 
-    /// The writer: on a blocking thread, hash and write every batch in order, as it came (no
-    /// copy). A write error turns the fill into a pass-through; the writer then only hashes.
+    /// The hasher: on a blocking thread, hash every batch in order.
+    fn hasher(
+        self: &Arc<Self>,
+        hasher: Hasher,
+        batches: mpsc::UnboundedReceiver<Bytes>,
+    ) -> tokio::task::JoinHandle<Hasher> {
+        self.each_batch(batches, hasher, |fill, hasher, bytes| {
+            hasher.update(bytes);
+            fill.data.tail().hashed = hasher.hashed();
+        })
+    }
+
+    /// The writer: on a blocking thread, write every batch in order, as it came (no copy). A
+    /// write error turns the fill into a pass-through; the writer then writes no more.
     fn writer(
         self: &Arc<Self>,
-        mut ingest: Ingest,
-        mut batches: mpsc::UnboundedReceiver<Bytes>,
+        ingest: Ingest,
+        batches: mpsc::UnboundedReceiver<Bytes>,
     ) -> tokio::task::JoinHandle<Ingest> {
+        self.each_batch(batches, ingest, |fill, ingest, bytes| {
+            if ingest.is_discarded() {
+                return;
+            }
+            if let Err(e) = ingest.write(bytes) {
+                fill.give_up_file(ingest, &e);
+            }
+            fill.data.tail().written = ingest.written();
+        })
+    }
+
+    /// On a blocking thread, apply `step` to every batch in order, waking the fill after each:
+    /// it may have room again.
+    fn each_batch<T: Send + 'static>(
+        self: &Arc<Self>,
+        mut batches: mpsc::UnboundedReceiver<Bytes>,
+        mut state: T,
+        step: impl Fn(&Fill, &mut T, &[u8]) + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
         let fill = self.clone();
         tokio::task::spawn_blocking(move || {
             while let Some(bytes) = batches.blocking_recv() {
-                let was_kept = !ingest.is_discarded();
-                if let Err(e) = ingest.write(&bytes) {
-                    if was_kept {
-                        fill.give_up_file(&mut ingest, &e);
-                    }
-                }
-                let mut tail = fill.data.tail();
-                tail.hashed += bytes.len() as u64;
-                tail.written = ingest.written();
-                drop(tail);
+                step(&fill, &mut state, &bytes);
                 fill.data.room.notify_one();
             }
-            ingest
+            state
         })
     }
 
@@ -562,6 +585,30 @@ impl Fill {
         self.metrics.store_write_error("blob", err);
         warn!(%digest, %origin, error = %err,
             "cache write failed; serving this blob pass-through without keeping it");
+    }
+}
+
+/// Where the fill task hands each batch: the hasher and the writer, the same buffer to both.
+struct Sinks {
+    hasher: mpsc::UnboundedSender<Bytes>,
+    writer: mpsc::UnboundedSender<Bytes>,
+}
+
+impl Sinks {
+    fn new() -> (
+        Sinks,
+        mpsc::UnboundedReceiver<Bytes>,
+        mpsc::UnboundedReceiver<Bytes>,
+    ) {
+        let (hasher, to_hasher) = mpsc::unbounded_channel();
+        let (writer, to_writer) = mpsc::unbounded_channel();
+        (Sinks { hasher, writer }, to_hasher, to_writer)
+    }
+
+    /// A closed sink has ended with its thread, which the fill learns when it joins it.
+    fn send(&self, bytes: Bytes) {
+        let _ = self.hasher.send(bytes.clone());
+        let _ = self.writer.send(bytes);
     }
 }
 

@@ -204,16 +204,53 @@ fn without_its_file_a_fill_keeps_what_the_slowest_reader_needs() {
     assert_eq!((tail.start, tail.pending()), (8, 0));
 }
 
-/// A store whose writes fail with ENOSPC once an object passes `room` bytes: a decorator
-/// over the disk store's writer.
+/// A store whose writes fail with ENOSPC once an object passes `room` bytes, and wait while
+/// `held` is closed: a decorator over the disk store's writer.
 struct FullDisk {
     inner: DiskStore,
     room: Arc<AtomicU64>,
+    held: Arc<Gate>,
 }
 
 struct FullWriter {
     inner: Box<dyn ObjectWriter>,
     room: u64,
+    held: Arc<Gate>,
+}
+
+/// A gate for blocking threads: `wait` returns once it is open.
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn closed() -> Arc<Gate> {
+        let gate = Gate::default();
+        *gate.closed.lock().unwrap() = true;
+        Arc::new(gate)
+    }
+
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let closed = self.closed.lock().unwrap();
+        drop(self.opened.wait_while(closed, |closed| *closed).unwrap());
+    }
+}
+
+impl FullDisk {
+    fn over(dir: &Path, room: u64) -> FullDisk {
+        FullDisk {
+            inner: DiskStore::open(dir, u64::MAX).unwrap(),
+            room: Arc::new(AtomicU64::new(room)),
+            held: Arc::new(Gate::default()),
+        }
+    }
 }
 
 #[async_trait]
@@ -230,7 +267,8 @@ impl BlobStore for FullDisk {
     async fn ingest(&self, digest: &Digest) -> Result<Ingest, StoreError> {
         let room = self.room.load(Ordering::SeqCst);
         let ingest = self.inner.ingest(digest).await?;
-        Ok(ingest.wrap_writer(|inner| Box::new(FullWriter { inner, room })))
+        let held = self.held.clone();
+        Ok(ingest.wrap_writer(|inner| Box::new(FullWriter { inner, room, held })))
     }
     async fn remove(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         self.inner.remove(digest).await
@@ -264,6 +302,7 @@ impl ObjectWriter for FullWriter {
         self.inner.reserve(len).await
     }
     fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.held.wait();
         if self.inner.written() + bytes.len() as u64 > self.room {
             return Err(std::io::Error::from(std::io::ErrorKind::StorageFull).into());
         }
@@ -355,13 +394,40 @@ fn fills_over(storage: &Storage, metrics: &Arc<Metrics>) -> Fills {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_finish_once_the_bytes_are_hashed_without_waiting_for_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = FullDisk::over(dir.path(), u64::MAX);
+    store.held = Gate::closed();
+    let store = Arc::new(store);
+    let fills = fills_over(&Storage::of(store.clone()), &Arc::new(Metrics::new()));
+    // Less than the window: all of it fits in memory while the disk is held.
+    let data = pattern(3 << 20, 247);
+    let digest = Digest::of(&data);
+    let origin = Arc::new(FixedOrigin::new(
+        "fixed",
+        data.clone(),
+        64 * 1024,
+        Fault::None,
+    ));
+    let source = fills.get(&digest, origin).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(20), read_all(source)).await;
+    let kept_early = store.stat(&digest).await.unwrap();
+    // Opened before anything is asserted, so a failure does not leave the writer blocked.
+    store.held.open();
+    let read = read.expect("the reader waited for the held disk");
+    assert!(read.unwrap() == data);
+    assert_eq!(kept_early, None, "kept before it was written");
+    fills.settled(&digest).await;
+    assert_eq!(store.stat(&digest).await.unwrap(), Some(data.len() as u64));
+    let kept = store.open(&digest).await.unwrap().unwrap();
+    assert!(read_all(BlobSource::Cached(kept)).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_error_turns_the_fill_into_a_verified_pass_through() {
     let dir = tempfile::tempdir().unwrap();
-    let room = Arc::new(AtomicU64::new(1 << 20));
-    let store = Arc::new(FullDisk {
-        inner: DiskStore::open(dir.path(), u64::MAX).unwrap(),
-        room: room.clone(),
-    });
+    let store = Arc::new(FullDisk::over(dir.path(), 1 << 20));
+    let room = store.room.clone();
     let metrics = Arc::new(Metrics::new());
     let fills = fills_over(&Storage::of(store.clone()), &metrics);
     let data = pattern(12 << 20, 251);
@@ -404,10 +470,7 @@ async fn a_write_error_turns_the_fill_into_a_verified_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_through_is_still_verified_and_not_joined_by_later_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FullDisk {
-        inner: DiskStore::open(dir.path(), u64::MAX).unwrap(),
-        room: Arc::new(AtomicU64::new(0)),
-    });
+    let store = Arc::new(FullDisk::over(dir.path(), 0));
     let metrics = Arc::new(Metrics::new());
     let fills = fills_over(&Storage::of(store.clone()), &metrics);
     // Larger than the window, so the fill waits for this reader.

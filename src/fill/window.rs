@@ -34,7 +34,7 @@ pub(super) struct Tail {
     pub received: u64,
     /// Bytes in the store, a prefix of those received.
     pub written: u64,
-    /// Bytes the writer has hashed (and written, unless the file was given up).
+    /// Bytes the hasher has hashed (ahead of `written` or behind it: they run apart).
     pub hashed: u64,
     /// The store no longer grows (the file was given up, or the store cannot be read before
     /// commit): the window keeps what readers still need.
@@ -85,14 +85,15 @@ impl FillData {
 }
 
 impl Tail {
-    /// Bytes that hold the fill back: those not yet hashed and written, and in pass-through
-    /// also those a reader still needs from memory. Written bytes kept only so that readers
-    /// that keep up read them from memory do not count: [`Tail::trim`] lets them go.
+    /// Bytes that hold the fill back: those not yet hashed or not yet written, and in
+    /// pass-through (where nothing more is written) those not yet hashed or still needed by a
+    /// reader from memory. Written bytes kept only so that readers that keep up read them from
+    /// memory do not count: [`Tail::trim`] lets them go.
     pub fn pending(&self) -> u64 {
         let behind = if self.passthrough {
             self.start.min(self.hashed)
         } else {
-            self.hashed
+            self.hashed.min(self.written)
         };
         self.received - behind
     }

@@ -110,10 +110,7 @@ impl DiskStore {
         }
         newer.sort();
         order.extend(newer.into_iter().map(|(_, d, len)| (d, len)));
-        let mut evicted = Vec::new();
-        for (digest, len) in order {
-            evicted.extend(self.shared.index.insert(digest, len, 0));
-        }
+        let evicted = self.shared.index.load(order);
         self.shared.delete(evicted);
         let (bytes, objects) = self.shared.index.usage();
         info!(objects, bytes, "cache index rebuilt");

@@ -212,8 +212,9 @@ pub struct Usage {
     pub evicted_bytes: u64,
 }
 
-/// Proof that an ingest's bytes hashed to its digest. Only [`Ingest::verify`] makes one, and a
-/// store's [`ObjectWriter::commit`] takes it: nothing can publish an object without it.
+/// Proof that an ingest's bytes hashed to its digest. Only [`Ingest::verify`] and
+/// [`Hasher::finish`] make one, and a store's [`ObjectWriter::commit`] takes it: nothing can
+/// publish an object without it.
 #[derive(Debug)]
 pub struct Verified {
     /// The [`Ingest`] that made it: a proof is good for that ingest's bytes only.
@@ -274,8 +275,8 @@ pub struct Ingest {
     /// Unique in this process, so a proof cannot be passed to another ingest.
     id: u64,
     digest: Digest,
-    verifier: Option<DigestVerifier>,
-    hashed: u64,
+    /// `None` once verified, or once taken to hash on another thread ([`Ingest::take_hasher`]).
+    hasher: Option<Hasher>,
     writer: Box<dyn ObjectWriter>,
     /// Given up after a failed write: later bytes are only hashed.
     discarded: bool,
@@ -283,15 +284,57 @@ pub struct Ingest {
     spooled: Option<StoreError>,
 }
 
+/// The hashing half of an [`Ingest`]. Taken out, it lets a fill hash on one thread while it
+/// writes on another; its proof then commits only if the ingest wrote exactly the bytes it
+/// hashed, as many of them (the fill hands both the same immutable buffers, in order).
+pub struct Hasher {
+    ingest: u64,
+    digest: Digest,
+    verifier: DigestVerifier,
+    hashed: u64,
+}
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.verifier.update(bytes);
+        self.hashed += bytes.len() as u64;
+    }
+
+    pub fn hashed(&self) -> u64 {
+        self.hashed
+    }
+
+    /// Check everything hashed against the digest.
+    pub fn finish(self) -> Result<Verified, StoreError> {
+        let actual = self.verifier.finish();
+        if actual != self.digest {
+            return Err(StoreError::DigestMismatch {
+                expected: self.digest,
+                actual,
+            });
+        }
+        Ok(Verified {
+            ingest: self.ingest,
+            digest: actual,
+            len: self.hashed,
+        })
+    }
+}
+
 impl Ingest {
     /// For store implementations: wrap their writer.
     pub fn new(digest: &Digest, writer: Box<dyn ObjectWriter>) -> Ingest {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ingest {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id,
             digest: digest.clone(),
-            verifier: Some(DigestVerifier::new()),
-            hashed: 0,
+            hasher: Some(Hasher {
+                ingest: id,
+                digest: digest.clone(),
+                verifier: DigestVerifier::new(),
+                hashed: 0,
+            }),
             writer,
             discarded: false,
             spooled: None,
@@ -324,16 +367,13 @@ impl Ingest {
         self.writer.reserve(len).await
     }
 
-    /// Hash and append bytes. Blocking: call it from a blocking thread. After an error nothing
-    /// more is written, but what was passed is still hashed, so [`Ingest::verify`] still tells
-    /// whether the bytes were right.
+    /// Hash and append bytes (only append, once the hasher is taken). Blocking: call it from
+    /// a blocking thread. After an error nothing more is written, but what was passed is still
+    /// hashed, so [`Ingest::verify`] still tells whether the bytes were right.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        let verifier = self
-            .verifier
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write after verify"))?;
-        verifier.update(bytes);
-        self.hashed += bytes.len() as u64;
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(bytes);
+        }
         if self.discarded {
             return Ok(());
         }
@@ -347,6 +387,15 @@ impl Ingest {
             self.discard();
         }
         written
+    }
+
+    /// Take the hashing half out, to hash on another thread; [`Ingest::write`] then only
+    /// appends, and the proof comes from [`Hasher::finish`]. Taken before the first write.
+    pub fn take_hasher(&mut self) -> Option<Hasher> {
+        if self.hasher.as_ref()?.hashed != 0 {
+            return None;
+        }
+        self.hasher.take()
     }
 
     /// Write on outside the budget, never to be committed, because of `reason` (see
@@ -383,22 +432,10 @@ impl Ingest {
     /// this. Separate from [`Ingest::commit`] so readers can be told the bytes are right before
     /// they are durable.
     pub fn verify(&mut self) -> Result<Verified, StoreError> {
-        let verifier = self
-            .verifier
+        self.hasher
             .take()
-            .ok_or_else(|| io::Error::other("verified twice"))?;
-        let actual = verifier.finish();
-        if actual != self.digest {
-            return Err(StoreError::DigestMismatch {
-                expected: self.digest.clone(),
-                actual,
-            });
-        }
-        Ok(Verified {
-            ingest: self.id,
-            digest: actual,
-            len: self.hashed,
-        })
+            .ok_or_else(|| io::Error::other("verified twice, or hashed elsewhere"))?
+            .finish()
     }
 
     /// Flush to stable storage and make the verified object visible. Refused for a discarded
