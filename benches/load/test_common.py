@@ -114,7 +114,7 @@ class Content(unittest.TestCase):
     def test_cache_objects_hash_to_their_names(self):
         with tempfile.TemporaryDirectory() as d:
             cache = Path(d)
-            digest, data = bench.make_cache(cache, 300)
+            (digest, data), total = bench.make_cache(cache, 300)
             files = list((cache / "objects" / "sha256").glob("*/*"))
             self.assertEqual(len(files), 300)
             for p in files:
@@ -122,6 +122,7 @@ class Content(unittest.TestCase):
                 self.assertEqual(hashlib.sha256(p.read_bytes()).hexdigest(), p.name)
             self.assertEqual((cache / "objects/sha256" / digest[7:9] / digest[7:]).read_bytes(),
                              data)
+            self.assertEqual(total, sum(p.stat().st_size for p in files))
 
 
 class Report(unittest.TestCase):
