@@ -84,7 +84,7 @@ impl ServeHttp for AdminApp {
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.mirror.metrics().render(),
+                self.metrics_text(),
             ),
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => match self.ready().await {
@@ -98,6 +98,14 @@ impl ServeHttp for AdminApp {
 }
 
 impl AdminApp {
+    /// The Prometheus text. The store's figures are read now: they change on their own (the
+    /// deleter thread's unlinks) and an eviction's count must not wait for the next fill.
+    fn metrics_text(&self) -> Vec<u8> {
+        let metrics = self.mirror.metrics();
+        metrics.record_usage(self.mirror.budget().usage());
+        metrics.render()
+    }
+
     /// The status page; with `client_auth`, only for a client whose credentials pass.
     async fn status_page(&self, authorization: Option<&str>) -> Response<Vec<u8>> {
         if let Some(auth) = self.mirror.client_auth() {
@@ -377,6 +385,20 @@ mod tests {
             .await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(String::from_utf8_lossy(resp.body()).contains("dockside status"));
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_stores_evictions_without_waiting_for_a_fill_to_record_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app_with(dir.path(), "");
+        let store = app.mirror.store();
+        for byte in [1u8, 2] {
+            let blob = bytes::Bytes::from(vec![byte; 600 << 10]);
+            store.put(&Digest::of(&blob), blob).await.unwrap();
+        }
+        let text = String::from_utf8(app.metrics_text()).unwrap();
+        assert!(text.contains("\ndockside_evictions_total 1\n"), "{text}");
+        assert!(text.contains("\ndockside_cache_objects 1\n"), "{text}");
     }
 
     #[tokio::test]

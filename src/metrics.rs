@@ -41,6 +41,7 @@ pub struct Metrics {
     /// The configured cache size limit.
     pub cache_limit_bytes: IntGauge,
     pub cache_pinned_bytes: IntGauge,
+    pub cache_unlinks_pending: IntGauge,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
     /// Blobs served pass-through because they can never fit the cache.
@@ -209,6 +210,10 @@ impl Metrics {
                 "dockside_cache_pinned_bytes",
                 "Bytes of cached objects pinned by cache.pin, never evicted.",
             ),
+            cache_unlinks_pending: gauge(
+                "dockside_cache_unlinks_pending",
+                "Evicted objects whose files are not yet deleted (they no longer count as cached).",
+            ),
             evictions: plain_counter(
                 "dockside_evictions_total",
                 "Cached objects deleted to stay within cache.max_size.",
@@ -355,6 +360,7 @@ impl Metrics {
         self.cache_objects.set(usage.objects as i64);
         self.cache_limit_bytes.set(usage.max_bytes as i64);
         self.cache_pinned_bytes.set(usage.pinned_bytes as i64);
+        self.cache_unlinks_pending.set(usage.unlinks_pending as i64);
         // The store counts since start; these counters catch up to it.
         catch_up(&self.evictions, usage.evicted_objects);
         catch_up(&self.evicted_bytes, usage.evicted_bytes);

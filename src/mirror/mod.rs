@@ -190,7 +190,6 @@ impl Mirror {
         &self.upstreams
     }
 
-    /// Delete cached content: one object, or a repository's (or one tag's) saved answers and
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

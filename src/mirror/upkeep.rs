@@ -52,6 +52,7 @@ pub(super) fn on_own_runtime<F: std::future::Future<Output = ()> + Send>(work: F
 pub(super) const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
 
 impl Mirror {
+    /// Delete cached content: one object, or a repository's (or one tag's) saved answers and
     /// every object no other saved tag still needs.
     pub async fn purge(self: &Arc<Self>, target: PurgeTarget) -> Result<PurgeReport, ApiError> {
         let (doomed, tags) = match target {

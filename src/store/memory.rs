@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,7 +12,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::lru::{Evicted, LruIndex};
 use super::{
-    BlobStore, Budget, Ingest, Object, ObjectReader, ObjectWriter, StoreError, Usage, Verified,
+    BlobStore, Budget, Evictions, Ingest, Object, ObjectReader, ObjectWriter, StoreError, Usage,
+    Verified,
 };
 use crate::oci::Digest;
 
@@ -24,8 +24,7 @@ pub struct MemoryStore {
 struct Shared {
     index: LruIndex,
     objects: Mutex<HashMap<Digest, Bytes>>,
-    evicted_objects: AtomicU64,
-    evicted_bytes: AtomicU64,
+    evictions: Evictions,
 }
 
 impl Shared {
@@ -38,8 +37,7 @@ impl Shared {
         for (digest, len) in evicted {
             // Evicted, then committed again meanwhile: the entry is the new copy.
             if self.index.get(&digest).is_none() && objects.remove(&digest).is_some() {
-                self.evicted_objects.fetch_add(1, Ordering::Relaxed);
-                self.evicted_bytes.fetch_add(len, Ordering::Relaxed);
+                self.evictions.count(1, len);
             }
         }
     }
@@ -51,8 +49,7 @@ impl MemoryStore {
             shared: Arc::new(Shared {
                 index: LruIndex::new(max_bytes),
                 objects: Mutex::new(HashMap::new()),
-                evicted_objects: AtomicU64::new(0),
-                evicted_bytes: AtomicU64::new(0),
+                evictions: Evictions::default(),
             }),
         }
     }
@@ -115,15 +112,7 @@ impl Budget for MemoryStore {
     }
 
     fn usage(&self) -> Usage {
-        let (bytes, objects) = self.shared.index.usage();
-        Usage {
-            bytes,
-            objects,
-            max_bytes: self.shared.index.max_bytes(),
-            pinned_bytes: self.shared.index.pinned_bytes(),
-            evicted_objects: self.shared.evicted_objects.load(Ordering::Relaxed),
-            evicted_bytes: self.shared.evicted_bytes.load(Ordering::Relaxed),
-        }
+        self.shared.evictions.usage(&self.shared.index, 0)
     }
 
     fn save(&self) -> io::Result<bool> {

@@ -21,6 +21,7 @@ pub mod memory;
 use std::collections::HashSet;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -210,6 +211,36 @@ pub struct Usage {
     /// Since start.
     pub evicted_objects: u64,
     pub evicted_bytes: u64,
+    /// Evicted objects whose files are still on disk, waiting to be deleted (out of `bytes`).
+    pub unlinks_pending: u64,
+}
+
+/// What a store has evicted since it opened: the counters behind [`Usage`].
+#[derive(Debug, Default)]
+pub struct Evictions {
+    objects: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Evictions {
+    pub fn count(&self, objects: u64, bytes: u64) {
+        self.objects.fetch_add(objects, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A store's usage: what its `index` holds, these counts, and its own `unlinks_pending`.
+    pub fn usage(&self, index: &lru::LruIndex, unlinks_pending: u64) -> Usage {
+        let (bytes, objects) = index.usage();
+        Usage {
+            bytes,
+            objects,
+            max_bytes: index.max_bytes(),
+            pinned_bytes: index.pinned_bytes(),
+            evicted_objects: self.objects.load(Ordering::Relaxed),
+            evicted_bytes: self.bytes.load(Ordering::Relaxed),
+            unlinks_pending,
+        }
+    }
 }
 
 /// Proof that an ingest's bytes hashed to its digest. Only [`Ingest::verify`] and

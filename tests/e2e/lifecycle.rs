@@ -57,7 +57,7 @@ fn pinned_image_survives_eviction_while_other_pulls_stay_correct() {
     pull_and_check(&d, "library/keep:v1", &pinned);
     for (i, img) in others.iter().enumerate() {
         pull_and_check(&d, &format!("library/churn{i}:v1"), img);
-        let used = crate::robustness::object_bytes(&d.cache_dir());
+        let used = crate::robustness::object_bytes(&d);
         assert!(
             used <= 2500 * 1024,
             "cache holds {used} bytes after churn{i}"

@@ -211,9 +211,16 @@ fn restart_serves_cached_content_with_the_upstream_gone() {
     }
 }
 
-/// Bytes of cached objects and fills in flight under a cache directory; the small state files
-/// (tag answers, saved order) aside.
-pub(crate) fn object_bytes(cache: &std::path::Path) -> u64 {
+/// Bytes of cached objects and fills in flight in `d`'s cache directory, the small state files
+/// (tag answers, saved order) aside, once the files of what it evicted are deleted: a thread
+/// of its own unlinks them after the fill that made room has moved on.
+pub(crate) fn object_bytes(d: &Dockside) -> u64 {
+    crate::support::wait_for(
+        "the evicted files to be deleted",
+        std::time::Duration::from_secs(30),
+        || (d.metric("dockside_cache_unlinks_pending")? == 0.0).then_some(()),
+    );
+    let cache = d.cache_dir();
     disk_usage(&cache.join("objects")) + disk_usage(&cache.join("tmp"))
 }
 
@@ -253,7 +260,7 @@ fn cache_stays_within_max_size_evicting_least_recently_used() {
         assert!(r.body == *b, "blob {dg} bytes");
     }
     let cap = 4u64 << 20;
-    let used = object_bytes(&d.cache_dir());
+    let used = object_bytes(&d);
     assert!(
         used <= cap,
         "after 6 x 1 MiB blobs the cache holds {used} bytes on disk; max_size is {cap}"
