@@ -7,7 +7,8 @@ same upstream, and nginx serving the same blob and manifest as static files. The
 part by part, and prints a markdown table with every figure side by side and as ratios, and the
 targets of issue #5 with whether this run met them. The cluster part (issue #8) puts one
 dockside, 3 independent ones, a 3-member cluster and a 4th member joining it side by side in a
-table of its own.
+table of its own. The shaped part (issue #14, shaped.py) puts an upstream of its own behind a
+1 Gbit/s and a 100 Mbit/s link in a network namespace (root only; skipped otherwise).
 
     cargo build --release && python3 benches/load/bench.py [--quick] [--out FILE]
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
+import shaped as shaped_part  # noqa: E402
 from common import GiB, MiB, log  # noqa: E402
 
 
@@ -46,6 +48,10 @@ class Sizes:
     pull_rounds: int
     cluster_blob: int
     cluster_clients: int
+    shaped_gbit_blob: int
+    shaped_100mbit_blob: int
+    shaped_rounds: int
+    shaped_ttfb_probes: int
 
 
 FULL = Sizes(
@@ -62,6 +68,10 @@ FULL = Sizes(
     pull_rounds=5,
     cluster_blob=500 * MiB,
     cluster_clients=30,
+    shaped_gbit_blob=200 * MiB,
+    shaped_100mbit_blob=50 * MiB,
+    shaped_rounds=3,
+    shaped_ttfb_probes=9,
 )
 # Same shape, smaller: a smoke run that every part still goes through.
 QUICK = replace(
@@ -73,6 +83,10 @@ QUICK = replace(
     wrk_repeats=1,
     pull_rounds=1,
     cluster_blob=16 * MiB,
+    shaped_gbit_blob=16 * MiB,
+    shaped_100mbit_blob=4 * MiB,
+    shaped_rounds=1,
+    shaped_ttfb_probes=3,
 )
 
 BLOB_REPO = "bench/blobs"
@@ -151,6 +165,14 @@ class Bench:
                     values=med,
                 )
             )
+
+    # --- shaped upstream (issue #14) -----------------------------------------------------------
+
+    def shaped(self):
+        """A cold blob through dockside against the same blob direct, the upstream leg limited
+        to 1 Gbit/s and 100 Mbit/s by tbf in a namespace of its own (shaped.py). Needs root;
+        skipped with a note otherwise. It uses an upstream of its own, not setup's."""
+        shaped_part.shaped(self)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -767,8 +789,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
     ap.add_argument(
         "--only",
-        help="comma-separated parts to run (blob,manifest,pull,herd,rss,scale,cluster,shared); "
-        "default all",
+        help="comma-separated parts to run "
+        "(blob,manifest,pull,herd,rss,scale,cluster,shared,shaped); default all",
     )
     args = ap.parse_args()
     c.raise_fd_limit()
@@ -783,13 +805,15 @@ def main():
         "scale": ("scale: start, memory and eviction with a big cache", "scale"),
         "cluster": ("cluster", "cluster"),
         "shared": ("shared tier", "shared_tier"),
+        "shaped": ("shaped upstream link", "shaped"),
     }
     chosen = args.only.split(",") if args.only else list(parts)
     if "rss" in chosen and "herd" not in chosen:
         chosen.insert(chosen.index("rss"), "herd")  # rss reuses the herd's warm distribution
     with c.Stack(keep=args.keep) as st:
         b = Bench(st, QUICK if args.quick else FULL)
-        b.part("setup: upstream, content, servers", b.setup)
+        if set(chosen) - {"shaped"}:  # the shaped part brings its own upstream and content
+            b.part("setup: upstream, content, servers", b.setup)
         for key in chosen:
             title, method = parts[key]
             b.part(title, getattr(b, method))

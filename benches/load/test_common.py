@@ -11,11 +11,13 @@ import sys
 import tarfile
 import tempfile
 import unittest
+import unittest.mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 import common as c  # noqa: E402
+import shaped  # noqa: E402
 
 # wrk 4.1 (Debian 12) against a 404, so the non-2xx line is there.
 WRK_404 = """Running 1s test @ http://127.0.0.1:60045/v2/nope/blobs/sha256:e6c6
@@ -251,6 +253,94 @@ print(json.dumps(dict(
         # stdio, the two sockets and the listing's own descriptor: nothing inherited.
         self.assertEqual(got["open"][:5], [0, 1, 2, 3, 4])
         self.assertEqual(len(got["open"]), 6, got["open"])
+
+
+class ShapedUpstream(unittest.TestCase):
+    def test_names_are_the_runs_own_and_fit_an_interface(self):
+        self.assertEqual(
+            shaped.names(4194304), ("dockside-bench-4194304", "dsb4304h", "dsb4304n")
+        )
+        for pid in (1, 99999, 4194304):
+            for ifname in shaped.names(pid)[1:]:
+                self.assertLessEqual(len(ifname), 15)
+
+    def test_setup_makes_the_pair_with_the_two_test_hosts_and_no_route(self):
+        got = shaped.setup_commands("ns", "h", "n")
+        self.assertEqual(got, [
+            ["ip", "netns", "add", "ns"],
+            ["ip", "link", "add", "h", "type", "veth", "peer", "name", "n", "netns", "ns"],
+            ["ip", "addr", "add", "10.213.0.1/30", "dev", "h"],
+            ["ip", "link", "set", "h", "up"],
+            ["ip", "-n", "ns", "addr", "add", "10.213.0.2/30", "dev", "n"],
+            ["ip", "-n", "ns", "link", "set", "n", "up"],
+            ["ip", "-n", "ns", "link", "set", "lo", "up"],
+        ])
+        self.assertFalse([argv for argv in got if "route" in argv])
+
+    def test_tbf_on_the_namespaces_end(self):
+        self.assertEqual(
+            shaped.shape_command("ns", "n", shaped.GBIT),
+            ["tc", "-n", "ns", "qdisc", "replace", "dev", "n", "root",
+             "tbf", "rate", "1gbit", "burst", "256kb", "latency", "50ms"],
+        )
+        self.assertEqual(shaped.shape_command("ns", "n", shaped.MBIT100)[10:14],
+                         ["100mbit", "burst", "64kb", "latency"])
+
+    def test_teardown_and_exec(self):
+        self.assertEqual(shaped.teardown_commands("ns", "h"),
+                         [["ip", "netns", "del", "ns"], ["ip", "link", "del", "h"]])
+        self.assertEqual(shaped.in_namespace("ns", ["docker-registry", "serve", "c.yml"]),
+                         ["ip", "netns", "exec", "ns", "docker-registry", "serve", "c.yml"])
+
+    def test_write_out_after_an_error_message(self):
+        # curl 7.88.1 with shaped.WRITE_OUT: a blob, then a refused connection.
+        self.assertEqual(shaped.parse_transfer("200 16777216 0.008296 0.151262\n"),
+                         (200, 16777216, 0.008296, 0.151262))
+        err = ("curl: (7) Failed to connect to 127.0.0.1 port 1 after 0 ms: "
+               "Couldn't connect to server\n000 0 0.000000 0.000187\n")
+        self.assertEqual(shaped.parse_transfer(err), (0, 0, 0.0, 0.000187))
+        with self.assertRaises(RuntimeError):
+            shaped.parse_transfer("")
+
+    def test_targets(self):
+        self.assertTrue(shaped.wall_ok(1.05, 1.0))
+        self.assertFalse(shaped.wall_ok(1.06, 1.0))
+        self.assertTrue(shaped.ttfb_ok(9.0, 4.0))
+        self.assertFalse(shaped.ttfb_ok(9.1, 4.0))
+        self.assertTrue(shaped.ttfb_ok(2.0, 4.0))
+
+    def test_link_share(self):
+        # 200 MiB direct at 1 Gbit/s in 1.759 s, as measured: tbf holds the rate.
+        self.assertAlmostEqual(shaped.link_share(200 * c.MiB, 1.759, shaped.GBIT), 0.954, 3)
+
+    def test_registry_listens_in_the_namespace_with_its_access_log(self):
+        cfg = shaped.registry_config(Path("/tmp/x"))
+        self.assertIn("addr: 10.213.0.2:5000\n", cfg)
+        self.assertIn("accesslog:\n    disabled: false\n", cfg)
+        self.assertIn("rootdirectory: /tmp/x\n", cfg)
+
+    def test_a_server_in_the_namespace_is_reached_at_its_address(self):
+        srv = c.Server("up", None, 5000, Path("/nonexistent"), 15)
+        up = shaped.InNamespace(srv)
+        self.assertEqual((up.url, up.host), ("http://10.213.0.2:5000", "10.213.0.2:5000"))
+        self.assertEqual((up.name, up.log_path), ("up", Path("/nonexistent")))
+
+    def test_skipped_with_a_note_when_not_root(self):
+        class Bench:
+            notes, rows = [], []
+        with unittest.mock.patch.object(shaped.os, "geteuid", return_value=1000), \
+                unittest.mock.patch.object(shaped, "run") as run:
+            shaped.shaped(Bench)
+        run.assert_not_called()
+        self.assertEqual(Bench.notes, ["shaped upstream part skipped: not root "
+                                       "(a network namespace and tc need it)"])
+        self.assertEqual(Bench.rows, [])
+
+    def test_sizes(self):
+        for sz in (bench.FULL, bench.QUICK):
+            self.assertGreater(sz.shaped_gbit_blob, sz.shaped_100mbit_blob)
+        self.assertEqual((bench.FULL.shaped_rounds, bench.QUICK.shaped_rounds), (3, 1))
+        self.assertLess(bench.QUICK.shaped_gbit_blob, bench.FULL.shaped_gbit_blob)
 
 
 @unittest.skipUnless(c.DOCKSIDE_BIN.exists(), "needs the release binary (cargo build --release)")
