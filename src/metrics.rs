@@ -42,6 +42,7 @@ pub struct Metrics {
     pub cache_limit_bytes: IntGauge,
     pub cache_pinned_bytes: IntGauge,
     pub cache_unlinks_pending: IntGauge,
+    pub cache_index_checked: IntGauge,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
     /// Blobs served pass-through because they can never fit the cache.
@@ -214,6 +215,11 @@ impl Metrics {
                 "dockside_cache_unlinks_pending",
                 "Evicted objects whose files are not yet deleted (they no longer count as cached).",
             ),
+            cache_index_checked: gauge(
+                "dockside_cache_index_checked",
+                "1 once the cache index has been checked against the files on disk after a start; \
+                 until then the cache's bytes and objects may be short.",
+            ),
             evictions: plain_counter(
                 "dockside_evictions_total",
                 "Cached objects deleted to stay within cache.max_size.",
@@ -361,6 +367,7 @@ impl Metrics {
         self.cache_limit_bytes.set(usage.max_bytes as i64);
         self.cache_pinned_bytes.set(usage.pinned_bytes as i64);
         self.cache_unlinks_pending.set(usage.unlinks_pending as i64);
+        self.cache_index_checked.set(usage.index_checked.into());
         // The store counts since start; these counters catch up to it.
         catch_up(&self.evictions, usage.evicted_objects);
         catch_up(&self.evicted_bytes, usage.evicted_bytes);

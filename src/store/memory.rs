@@ -112,7 +112,7 @@ impl Budget for MemoryStore {
     }
 
     fn usage(&self) -> Usage {
-        self.shared.evictions.usage(&self.shared.index, 0)
+        self.shared.evictions.usage(&self.shared.index)
     }
 
     fn save(&self) -> io::Result<bool> {

@@ -213,6 +213,9 @@ pub struct Usage {
     pub evicted_bytes: u64,
     /// Evicted objects whose files are still on disk, waiting to be deleted (out of `bytes`).
     pub unlinks_pending: u64,
+    /// The index holds every object on disk. False for a while after a start, while the
+    /// files are checked against the saved order; `bytes` and `objects` may then be short.
+    pub index_checked: bool,
 }
 
 /// What a store has evicted since it opened: the counters behind [`Usage`].
@@ -228,8 +231,9 @@ impl Evictions {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// A store's usage: what its `index` holds, these counts, and its own `unlinks_pending`.
-    pub fn usage(&self, index: &lru::LruIndex, unlinks_pending: u64) -> Usage {
+    /// A store's usage: what its `index` holds and these counts; `unlinks_pending` and
+    /// `index_checked` as for a store that has neither a deleter nor files to check.
+    pub fn usage(&self, index: &lru::LruIndex) -> Usage {
         let (bytes, objects) = index.usage();
         Usage {
             bytes,
@@ -238,7 +242,8 @@ impl Evictions {
             pinned_bytes: index.pinned_bytes(),
             evicted_objects: self.objects.load(Ordering::Relaxed),
             evicted_bytes: self.bytes.load(Ordering::Relaxed),
-            unlinks_pending,
+            unlinks_pending: 0,
+            index_checked: true,
         }
     }
 }

@@ -172,7 +172,9 @@ impl DiskStore {
     pub fn save_order(&self) -> io::Result<bool> {
         // A file left behind by an eviction would come back, as new, on the next start.
         self.shared.wait_for_unlinks();
-        if !self.shared.index.changed() {
+        // Until the files are checked the index may lack objects: saved now, the next start
+        // would take them for newer than everything saved. The last save stays.
+        if !self.shared.index.changed() || !*self.shared.complete.borrow() {
             return Ok(false);
         }
         let order = self.shared.index.snapshot();
@@ -409,14 +411,12 @@ impl Budget for DiskStore {
     }
 
     fn usage(&self) -> Usage {
-        let pending = self
-            .shared
-            .deleter
-            .pending
-            .lock()
-            .expect("deleter lock")
-            .objects;
-        self.shared.evictions.usage(&self.shared.index, pending)
+        let pending = self.shared.deleter.pending.lock().expect("deleter lock");
+        Usage {
+            unlinks_pending: pending.objects,
+            index_checked: *self.shared.complete.borrow(),
+            ..self.shared.evictions.usage(&self.shared.index)
+        }
     }
 
     fn save(&self) -> io::Result<bool> {

@@ -154,6 +154,7 @@ async fn eviction_order_survives_a_restart() {
         let store = DiskStore::open(dir.path(), 100).unwrap();
         let d = put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
         store.open(&d[0]).await.unwrap();
+        store.reconciled().await;
         assert!(store.save_order().unwrap());
         assert!(!store.save_order().unwrap(), "nothing changed since");
         d
@@ -170,6 +171,27 @@ async fn eviction_order_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn the_order_is_not_saved_before_the_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = {
+        let store = DiskStore::open(dir.path(), 100).unwrap();
+        let d = put_all(&store, &[&[1; 10], &[2; 10]]).await;
+        store.reconciled().await;
+        assert!(store.save_order().unwrap());
+        d
+    };
+    // A start that has not listed the files yet: the index has the saved two; a third
+    // committed now must not be saved as the only one newer than those.
+    let store = DiskStore::open_unchecked(dir.path(), 100, true).unwrap();
+    store.open(&d[0]).await.unwrap();
+    put_all(&store, &[&[3; 10]]).await;
+    assert!(!store.usage().index_checked);
+    assert!(!store.save_order().unwrap(), "saved before the check");
+    let saved = store.read_order().unwrap();
+    assert_eq!(saved, vec![(d[0].clone(), 10), (d[1].clone(), 10)]);
+}
+
+#[tokio::test]
 async fn a_smaller_limit_evicts_at_start() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -177,6 +199,7 @@ async fn a_smaller_limit_evicts_at_start() {
         put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
         // Without a saved order the next start goes by mtime, and commits this close
         // together can share a clock tick (then the tie is broken by digest).
+        store.reconciled().await;
         store.save_order().unwrap();
     }
     let store = DiskStore::open(dir.path(), 20).unwrap();
@@ -277,6 +300,7 @@ async fn a_restart_serves_from_the_saved_order_while_the_files_are_checked() {
     let (kept, gone, unlisted) = {
         let store = DiskStore::open(dir.path(), 100).unwrap();
         let d = put_all(&store, &[&[1; 10], &[2; 10]]).await;
+        store.reconciled().await;
         store.save_order().unwrap();
         let unlisted = put_all(&store, &[&[3; 10]]).await.remove(0);
         (d[0].clone(), d[1].clone(), unlisted)
