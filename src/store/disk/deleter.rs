@@ -5,10 +5,11 @@ use std::fs;
 use std::io;
 use std::sync::{Condvar, Mutex};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Shared, UNLINK_BATCH};
 use crate::oci::Digest;
+use crate::store::StoreError;
 use crate::store::lru::Evicted;
 
 /// Evicted files are unlinked on a thread of their own, at the lowest priority: making room
@@ -50,16 +51,41 @@ impl Pending {
 }
 
 impl Shared {
-    /// Count evicted objects and hand them to the deleter thread.
+    /// Count evicted objects and hand them to the deleter thread, with one log line.
     pub(super) fn delete(&self, evicted: Evicted) {
         if evicted.is_empty() {
             return;
         }
+        let (objects, bytes) = self.queue_unlinks(evicted);
+        info!(objects, bytes, "evicted to make room");
+    }
+
+    /// Make room for `more` bytes of an object that will hold `total`, handing what is
+    /// evicted to the deleter batch by batch
+    /// ([`reserve_in_batches`](crate::store::lru::LruIndex::reserve_in_batches)). Blocking.
+    pub(super) fn reserve_room(&self, more: u64, total: u64) -> Result<(), StoreError> {
+        // Until the files are checked a lookup may stat a file the index lacks; under the
+        // namespace lock it cannot look between a batch leaving the index and its digests
+        // reaching the deleter's list.
+        let _names = (!*self.complete.borrow()).then(|| self.namespace());
+        let (mut objects, mut bytes) = (0, 0);
+        self.index.reserve_in_batches(more, total, |evicted| {
+            if !evicted.is_empty() {
+                let (o, b) = self.queue_unlinks(evicted);
+                (objects, bytes) = (objects + o, bytes + b);
+            }
+        })?;
+        if objects > 0 {
+            info!(objects, bytes, "evicted to make room");
+        }
+        Ok(())
+    }
+
+    /// Count evicted objects and queue them for the deleter: (objects, bytes).
+    fn queue_unlinks(&self, evicted: Evicted) -> (u64, u64) {
         let objects = evicted.len() as u64;
         let bytes: u64 = evicted.iter().map(|(_, len)| len).sum();
         self.evictions.count(objects, bytes);
-        // One line per eviction, not per object.
-        info!(objects, bytes, "evicted to make room");
         self.deleter
             .pending
             .lock()
@@ -67,27 +93,38 @@ impl Shared {
             .add(&evicted);
         let queue = self.deleter.queue.lock().expect("deleter lock");
         if let Err(returned) = queue.send(evicted) {
-            // The thread is gone (it never ends while the store lives): unlink here.
+            // The thread died (it never ends while the store lives). The caller may hold the
+            // namespace lock, so nothing is unlinked here: the files stay until the next
+            // start's check finds them and the budget evicts them again.
             drop(queue);
-            self.unlink(returned.0);
+            error!(
+                objects,
+                "the deleter thread is gone; evicted files stay on disk"
+            );
+            let mut pending = self.deleter.pending.lock().expect("deleter lock");
+            for (digest, _) in &returned.0 {
+                pending.done(digest);
+            }
+            self.deleter.drained.notify_all();
         }
+        (objects, bytes)
     }
 
-    /// Unlink evicted files, one namespace lock each so commits are never held back for long.
-    /// A reader that has one open keeps reading it: the file lives on until its last
+    /// Unlink evicted files, a batch per namespace lock so commits are never held back for
+    /// long. A reader that has one open keeps reading it: the file lives on until its last
     /// descriptor closes.
     pub(super) fn unlink(&self, evicted: Evicted) {
-        // The shared locks are taken once per batch: this thread runs at the lowest priority,
-        // and one preempted while holding a lock would hold up the requests that wait for it.
+        // The index is asked once per batch: this thread runs at the lowest priority, and one
+        // preempted while holding the index's lock would hold up every request that serves
+        // from the cache.
         for batch in evicted.chunks(UNLINK_BATCH) {
-            for (digest, len) in batch {
-                let _guard = self.namespace();
-                // Evicted from the index, but re-committed since: the file is the new copy.
-                if self.index.get(digest).is_none() {
-                    match fs::remove_file(self.object_path(digest)) {
-                        Ok(()) => debug!(%digest, bytes = len, "evicted"),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => warn!(%digest, error = %e, "could not delete an evicted object"),
+            {
+                let _names = self.namespace();
+                // Evicted from the index, but committed again since: the file is the new copy.
+                let indexed = self.index.contains_each(batch.iter().map(|(d, _)| d));
+                for ((digest, len), indexed) in batch.iter().zip(indexed) {
+                    if !indexed {
+                        self.unlink_one(digest, *len);
                     }
                 }
             }
@@ -98,6 +135,14 @@ impl Shared {
             if pending.objects == 0 {
                 self.deleter.drained.notify_all();
             }
+        }
+    }
+
+    fn unlink_one(&self, digest: &Digest, len: u64) {
+        match fs::remove_file(self.object_path(digest)) {
+            Ok(()) => debug!(%digest, bytes = len, "evicted"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!(%digest, error = %e, "could not delete an evicted object"),
         }
     }
 

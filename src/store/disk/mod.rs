@@ -31,8 +31,8 @@ mod tests;
 
 const ORDER_FILE: &str = "lru";
 const ORDER_HEADER: &str = "dockside-lru 1";
-/// Evicted objects unlinked between two takes of the deleter's shared locks.
-const UNLINK_BATCH: usize = 256;
+/// Evicted objects unlinked under one namespace lock (about a millisecond of unlinks).
+const UNLINK_BATCH: usize = 64;
 
 pub struct DiskStore {
     shared: Arc<Shared>,
@@ -411,9 +411,16 @@ impl Budget for DiskStore {
     }
 
     fn usage(&self) -> Usage {
-        let pending = self.shared.deleter.pending.lock().expect("deleter lock");
+        // Read first: the deleter's lock is never held while the index's is taken.
+        let pending = self
+            .shared
+            .deleter
+            .pending
+            .lock()
+            .expect("deleter lock")
+            .objects;
         Usage {
-            unlinks_pending: pending.objects,
+            unlinks_pending: pending,
             index_checked: *self.shared.complete.borrow(),
             ..self.shared.evictions.usage(&self.shared.index)
         }
@@ -474,9 +481,8 @@ impl DiskWriter {
 
     /// Set aside `len` more bytes in the index, evicting to make room (blocking: it unlinks).
     fn reserve_more(&mut self, len: u64, total: u64) -> Result<(), StoreError> {
-        let evicted = self.shared.index.reserve(len, total)?;
+        self.shared.reserve_room(len, total)?;
         self.reserved += len;
-        self.shared.delete(evicted);
         Ok(())
     }
 }
@@ -490,9 +496,13 @@ impl ObjectWriter for DiskWriter {
 
     async fn reserve(&mut self, len: u64) -> Result<(), StoreError> {
         let more = len.saturating_sub(self.reserved);
-        let evicted = self.shared.index.reserve(more, len)?;
+        // On a blocking thread: it may wait for the namespace lock, and evicting a hundred
+        // thousand small objects takes tens of milliseconds.
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.reserve_room(more, len))
+            .await
+            .map_err(io::Error::other)??;
         self.reserved += more;
-        self.shared.delete(evicted);
         Ok(())
     }
 

@@ -260,6 +260,7 @@ async fn room_is_made_without_waiting_for_the_unlinks() {
     let d = put_all(&store, &[&[1; 10], &[2; 10], &[3; 10]]).await;
     let big = vec![9u8; 25];
     let mut ingest = store.ingest(&Digest::of(&big)).await.unwrap();
+    store.reconciled().await;
     // While the files cannot be unlinked (their names are locked), the room is still made.
     let names = store.shared.namespace();
     let mut reserve = tokio::spawn(async move { ingest.reserve(25).await });
