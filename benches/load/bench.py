@@ -223,11 +223,12 @@ class Bench:
         for conns in (1, 8):
             got = self.wrk_medians(path, conns, "bytes_per_s", f"blob {conns} conn")
             got = {k: v / GiB for k, v in got.items()}
-            ok = got["dockside"] >= 0.9 * got["nginx"] and got["dockside"] > got["distribution"]
+            # Issue #14 raised #5's 0.9× nginx to 1.0×.
+            ok = got["dockside"] >= got["nginx"] and got["dockside"] > got["distribution"]
             self.row(
                 f"warm blob {self.sz.blob // MiB} MiB, {conns} conn",
                 "GiB/s",
-                "≥ 0.9× nginx, > distribution",
+                "≥ 1.0× nginx, > distribution",
                 ok,
                 **got,
             )
@@ -259,7 +260,8 @@ class Bench:
             got = self.wrk_medians(path, 64, "rps", f"manifest by {label}", [ACCEPT_HDR])
             target, ok = "", None
             if label == "tag":
-                target, ok = "≥ 0.5× nginx", got["dockside"] >= 0.5 * got["nginx"]
+                # Issue #14 raised #5's 0.5× nginx to 0.9×.
+                target, ok = "≥ 0.9× nginx", got["dockside"] >= 0.9 * got["nginx"]
             self.row(f"warm manifest by {label}, 64 conn", "req/s", target, ok, **got)
 
     def check_manifest(self, name, url, img):
